@@ -1,0 +1,116 @@
+"""Shared helpers of the operators: argument checks, latent-size rules and gates."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Gate = Literal["sigmoid", "hard_sigmoid"]
+LatentRule = Literal["halving", "formula"]
+Route = Literal["auto", "activations", "kernel"]
+
+
+def check_int(op: str, name: str, value: object, minimum: int = 1) -> int:
+    """Return `value` if it is an int >= `minimum`, else raise a ValueError naming the operator."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{op}: {name}={value!r} is not allowed; expected an integer >= {minimum}")
+    return value
+
+
+def check_positive(op: str, name: str, value: object) -> float:
+    """Return `value` as a float if it is a number > 0, else raise a ValueError naming the operator."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{op}: {name}={value!r} is not allowed; expected a number > 0")
+    return float(value)
+
+
+def check_choice(op: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return `value` if it is one of `choices`, else raise a ValueError naming the operator."""
+    if value not in choices:
+        raise ValueError(f"{op}: {name}={value!r} is not allowed; expected one of {list(choices)}")
+    return str(value)
+
+
+def check_groups(op: str, in_channels: int, out_channels: int, groups: int) -> None:
+    """Raise a ValueError unless `groups` divides both channel counts."""
+    check_int(op, "groups", groups)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{op}: groups={groups} must divide in_channels={in_channels} and "
+            f"out_channels={out_channels}; choose a common divisor"
+        )
+
+
+def check_odd_kernel(op: str, kernel_size: int, why: str) -> None:
+    """Raise a ValueError for an even kernel where the operator needs a centre element."""
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"{op}: kernel_size={kernel_size} is even, but {why} needs a centre element; "
+            "use an odd kernel_size (1, 3, 5, ...)"
+        )
+
+
+def check_input(op: str, x: Tensor, rank: int, channels: int) -> None:
+    """Raise a ValueError unless `x` has `rank` dimensions and `channels` channels in dim 1."""
+    if x.dim() != rank or x.shape[1] != channels:
+        layout = "(N, C, H, W)" if rank == 4 else "(N, C)"
+        raise ValueError(
+            f"{op}: expected a {rank}-d input {layout} with C={channels}, "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def latent_dim_rule(channels: int, rule: LatentRule = "halving") -> int:
+    """Default latent dimension L for `channels` channels (Section 3.2).
+
+    "halving" divides C by 2 until it is below sqrt(C), as the paper's text says, so that L^2 < C
+    holds; "formula" is the printed floor(C / 2^floor(log2 sqrt(C))), which gives L >= sqrt(C).
+    """
+    if channels < 1:
+        raise ValueError(f"latent_dim_rule: channels={channels} must be >= 1")
+    if rule == "formula":
+        return max(1, channels // 2 ** math.floor(math.log2(math.sqrt(channels))))
+    root = math.sqrt(channels)
+    value = float(channels)
+    while value >= root and value >= 2:
+        value /= 2
+    return max(1, int(value))
+
+
+def scale_latent(base: int, latent_mult: float) -> int:
+    """Scale a default latent size by the latent multiplier (Table 2), rounding half up, at least 1."""
+    return max(1, int(base * latent_mult + 0.5))
+
+
+def gate(logits: Tensor, kind: Gate) -> Tensor:
+    """Channel-attention gate with range (0, 2) that is 1 at zero logits, so Lambda starts at I."""
+    if kind == "hard_sigmoid":
+        return F.relu6(logits + 3.0) / 3.0
+    return 2.0 * torch.sigmoid(logits)
+
+
+def batch_norm_affine(
+    values: Tensor, norm: torch.nn.BatchNorm1d | torch.nn.BatchNorm2d, dims: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) with which `norm` maps `values` (batch stats when training).
+
+    Used by the reference paths: batch statistics are batch-level quantities, so the reference
+    reads them off the batch and then applies each sample's kernel explicitly.
+    """
+    if norm.training or norm.running_mean is None:
+        mean = values.mean(dim=dims)
+        var = values.var(dim=dims, unbiased=False)
+    else:
+        mean = norm.running_mean
+        var = norm.running_var
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift

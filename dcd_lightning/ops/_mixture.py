@@ -1,0 +1,140 @@
+"""Shared machinery of vanilla dynamic convolution: W(x) = sum_k a_k(x) W_k over K kernels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import check_choice, check_groups, check_input, check_int
+
+
+class MixtureConv2d(nn.Module):
+    """Base of CondConv2d and DyConv2d: K kernels mixed per sample by `mixture_weights(x)`.
+
+    mixing="kernel" forms each sample's kernel sum_k a_k W_k and runs one grouped convolution over
+    the batch; mixing="output" convolves with all K kernels and mixes the K outputs. "auto" takes
+    the kernel route, which won every shape of the operator benchmark (docs/benchmarks.md).
+    """
+
+    num_kernels: int
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        groups: int,
+        num_kernels: int,
+        kernel_arg: str,
+        mixing: str,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check_int(name, "in_channels", in_channels)
+        check_int(name, "out_channels", out_channels)
+        check_int(name, "kernel_size", kernel_size)
+        check_int(name, "stride", stride)
+        check_groups(name, in_channels, out_channels, groups)
+        check_int(name, kernel_arg, num_kernels)
+        check_choice(name, "mixing", mixing, ("auto", "kernel", "output"))
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = kernel_size // 2
+        self.groups = groups
+        self.num_kernels = num_kernels
+        self.mixing = mixing
+        shape = (num_kernels, out_channels, in_channels // groups, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(num_kernels, out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise each of the K kernels as nn.Conv2d initialises its weight."""
+        for kernel in self.weight:
+            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0, 0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        """Summarise the configuration for print(model)."""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, groups={self.groups}, K={self.num_kernels}"
+        )
+
+    def mixture_weights(self, x: Tensor) -> Tensor:
+        """Per-sample weights of the K kernels, shape (N, K)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
+        check_input(type(self).__name__, x, 4, self.in_channels)
+        weights = self.mixture_weights(x)
+        if self.mixing == "output":
+            return self._forward_output_mixing(x, weights)
+        return self._forward_kernel_mixing(x, weights)
+
+    def _forward_kernel_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        kernels = (weights @ self.weight.view(self.num_kernels, -1)).view(
+            n * self.out_channels, self.in_channels // self.groups, self.kernel_size, self.kernel_size
+        )
+        bias = None if self.bias is None else (weights @ self.bias).view(-1)
+        out = F.conv2d(
+            x.reshape(1, n * self.in_channels, h, w),
+            kernels,
+            bias,
+            self.stride,
+            self.padding,
+            groups=n * self.groups,
+        )
+        return out.view(n, self.out_channels, out.shape[-2], out.shape[-1])
+
+    def _forward_output_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
+        n, groups, k = x.shape[0], self.groups, self.num_kernels
+        per_group = self.out_channels // groups
+        # Order the stacked kernels (group, kernel, channel) so each group reads its own inputs.
+        stacked = self.weight.view(k, groups, per_group, *self.weight.shape[2:]).transpose(0, 1)
+        out = F.conv2d(
+            x, stacked.reshape(groups * k * per_group, *self.weight.shape[2:]), None,
+            self.stride, self.padding, groups=groups,
+        )
+        h, w = out.shape[-2:]
+        out = torch.einsum("ngkohw,nk->ngohw", out.view(n, groups, k, per_group, h, w), weights)
+        out = out.reshape(n, self.out_channels, h, w)
+        if self.bias is not None:
+            out = out + (weights @ self.bias)[:, :, None, None]
+        return out
+
+    def sample_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Each sample's kernel sum_k a_k(x) W_k, (N, C_out, C_in/groups, k, k), and bias or None."""
+        weights = self.mixture_weights(x)
+        kernels = torch.einsum("nk,koihw->noihw", weights, self.weight)
+        bias = None if self.bias is None else torch.einsum("nk,ko->no", weights, self.bias)
+        return kernels, bias
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Slow reference: form each sample's kernel and run an ordinary convolution with it."""
+        check_input(type(self).__name__, x, 4, self.in_channels)
+        kernels, biases = self.sample_kernels(x)
+        return torch.cat(
+            [
+                F.conv2d(
+                    x[i : i + 1],
+                    kernels[i],
+                    None if biases is None else biases[i],
+                    self.stride,
+                    self.padding,
+                    groups=self.groups,
+                )
+                for i in range(x.shape[0])
+            ]
+        )

@@ -1,0 +1,433 @@
+"""DCD of a 1x1 or k x k convolution (Eqs. 6, 7 and 9 of the paper)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._branch import DynamicBranch
+from ._common import (
+    Gate,
+    LatentRule,
+    Route,
+    batch_norm_affine,
+    check_choice,
+    check_groups,
+    check_input,
+    check_int,
+    check_odd_kernel,
+    check_positive,
+    latent_dim_rule,
+    scale_latent,
+)
+
+
+class DCDConv2d(nn.Module):
+    """Dynamic convolution decomposition W(x) = Lambda(x) W0 + P Phi(x) Q^T of a k x k convolution.
+
+    fusion="channel" (Eqs. 6, 7; for k > 1 "channel fusion alone", Section 4.3): the dynamic residual
+    is a 1x1 kernel at the centre tap, block-diagonal with `num_blocks` (B) blocks P_b Phi_b Q_b^T.
+    fusion="joint" (Eq. 9): Phi(x) is an L x L x L_k tensor fusing latent channels and L_k latent
+    kernel elements, with R (k^2 x L_k) reducing the kernel elements.
+    `channel_attention` switches Lambda(x) (Eq. 6) against identity (Eq. 5); `channel_fusion=False`
+    leaves Lambda(x) W0 alone. `squeeze_excite`, `gate="hard_sigmoid"`, `latent_norm` and
+    `pool_size=2` give the structure of the official release (see DCDReleaseConv2d).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        *,
+        channel_attention: bool = True,
+        channel_fusion: bool = True,
+        fusion: str = "channel",
+        latent_mult: float = 1.0,
+        latent_dim: int | None = None,
+        latent_rule: LatentRule = "halving",
+        kernel_latent_dim: int | None = None,
+        num_blocks: int = 1,
+        reduction: int = 16,
+        branch_hidden: int | None = None,
+        gate: Gate = "sigmoid",
+        squeeze_excite: bool = False,
+        latent_norm: bool = False,
+        pool_size: int = 1,
+        route: Route = "auto",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check_int(name, "in_channels", in_channels)
+        check_int(name, "out_channels", out_channels)
+        check_int(name, "kernel_size", kernel_size)
+        check_int(name, "stride", stride)
+        check_groups(name, in_channels, out_channels, groups)
+        if groups != 1:
+            raise ValueError(
+                f"{name}: groups={groups} is not supported; DCDConv2d needs groups=1 "
+                "(for a depthwise convolution use DCDDepthwiseConv2d)"
+            )
+        check_choice(name, "fusion", fusion, ("channel", "joint"))
+        check_positive(name, "latent_mult", latent_mult)
+        check_choice(name, "latent_rule", latent_rule, ("halving", "formula"))
+        check_int(name, "num_blocks", num_blocks)
+        check_int(name, "reduction", reduction)
+        check_int(name, "pool_size", pool_size)
+        check_choice(name, "gate", gate, ("sigmoid", "hard_sigmoid"))
+        check_choice(name, "route", route, ("auto", "activations", "kernel"))
+        if latent_dim is not None:
+            check_int(name, "latent_dim", latent_dim)
+        if branch_hidden is not None:
+            check_int(name, "branch_hidden", branch_hidden)
+        if not (channel_attention or channel_fusion):
+            raise ValueError(
+                f"{name}: channel_attention=False with channel_fusion=False is a static convolution; "
+                "use StaticConv2d, or switch one of them on"
+            )
+        if channel_fusion and fusion == "channel":
+            check_odd_kernel(name, kernel_size, "the 1x1 dynamic residual at the centre tap")
+            if in_channels % num_blocks or out_channels % num_blocks:
+                raise ValueError(
+                    f"{name}: num_blocks={num_blocks} must divide in_channels={in_channels} and "
+                    f"out_channels={out_channels}; choose a common divisor"
+                )
+        if fusion == "joint":
+            check_odd_kernel(name, kernel_size, "fusion='joint' (same padding)")
+            if kernel_size < 3:
+                raise ValueError(
+                    f"{name}: fusion='joint' needs kernel_size >= 3, got {kernel_size}; "
+                    "use fusion='channel' for a 1x1 convolution"
+                )
+            if num_blocks != 1:
+                raise ValueError(f"{name}: num_blocks={num_blocks} needs fusion='channel'; use 1")
+            if latent_norm:
+                raise ValueError(f"{name}: latent_norm=True needs fusion='channel'; use False")
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = kernel_size // 2
+        self.groups = groups
+        self.fusion = fusion
+        self.num_blocks = num_blocks
+        self.pool_size = pool_size
+        self.route = route
+        self.channel_attention = channel_attention
+        self.channel_fusion = channel_fusion
+
+        # W0: the static kernel, named as nn.Conv2d names it so static weights load directly.
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+
+        smaller = min(in_channels, out_channels)
+        self.kernel_latent_dim = 0
+        self.latent_dim = 0
+        fusion_size = 0
+        if channel_fusion and fusion == "channel":
+            self.latent_dim = latent_dim or scale_latent(
+                latent_dim_rule(smaller // num_blocks, latent_rule), latent_mult
+            )
+            fusion_size = num_blocks * self.latent_dim**2
+            # Q: compresses each block's inputs, shape (B * L, C_in / B); P: (C_out, L).
+            self.compress = nn.Parameter(
+                torch.empty(num_blocks * self.latent_dim, in_channels // num_blocks)
+            )
+            self.expand = nn.Parameter(torch.empty(out_channels, self.latent_dim))
+        elif channel_fusion:
+            elements = kernel_size * kernel_size
+            self.kernel_latent_dim = kernel_latent_dim or elements // 2
+            if not 1 <= self.kernel_latent_dim < elements:
+                raise ValueError(
+                    f"{name}: kernel_latent_dim={kernel_latent_dim} is not allowed; "
+                    f"expected 1 <= L_k < k^2 = {elements}"
+                )
+            self.latent_dim = latent_dim or scale_latent(
+                latent_dim_rule(max(1, smaller // self.kernel_latent_dim), latent_rule), latent_mult
+            )
+            fusion_size = self.latent_dim**2 * self.kernel_latent_dim
+            self.compress = nn.Parameter(torch.empty(self.latent_dim, in_channels))
+            self.kernel_basis = nn.Parameter(torch.empty(elements, self.kernel_latent_dim))
+            self.expand = nn.Parameter(torch.empty(out_channels, self.latent_dim))
+
+        pooled = in_channels * pool_size * pool_size
+        hidden = branch_hidden or max(1, pooled // reduction)
+        self.branch = DynamicBranch(
+            pooled,
+            hidden,
+            attention_size=out_channels if channel_attention else 0,
+            fusion_size=fusion_size,
+            gate_kind=gate,
+            squeeze_excite=squeeze_excite,
+        )
+        if latent_norm and channel_fusion:
+            width = num_blocks * self.latent_dim
+            self.latent_norm_in = nn.BatchNorm1d(width)
+            self.latent_norm_out = nn.BatchNorm1d(width)
+        else:
+            self.latent_norm_in = None
+            self.latent_norm_out = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise W0 as nn.Conv2d does and P, Q, R with the same fan-in rule."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_channels * self.kernel_size**2
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        for name in ("compress", "expand", "kernel_basis"):
+            if hasattr(self, name):
+                nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+
+    def static_kernel(self) -> Tensor:
+        """W0 as a convolution kernel (C_out, C_in, k, k)."""
+        k = self.kernel_size
+        return self.weight.view(self.out_channels, self.in_channels, k, k)
+
+    def extra_repr(self) -> str:
+        """Summarise the configuration for print(model)."""
+        parts = [
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
+            f"stride={self.stride}",
+            f"channel_attention={self.channel_attention}",
+            f"channel_fusion={self.channel_fusion}",
+        ]
+        if self.channel_fusion:
+            parts += [f"fusion={self.fusion!r}", f"latent_dim={self.latent_dim}"]
+            if self.fusion == "joint":
+                parts.append(f"kernel_latent_dim={self.kernel_latent_dim}")
+            if self.num_blocks > 1:
+                parts.append(f"num_blocks={self.num_blocks}")
+        return ", ".join(parts)
+
+    # -- coefficients -------------------------------------------------------------------------
+
+    def coefficients(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Lambda(x) as (N, C_out) and Phi(x) as (N, B, L, L) or, for joint fusion, (N, L, L, L_k)."""
+        if self.pool_size == 1:
+            pooled = x.mean(dim=(2, 3))
+        else:
+            pooled = F.adaptive_avg_pool2d(x, self.pool_size).flatten(1)
+        lam, phi = self.branch(pooled)
+        if phi is not None:
+            n, size = x.shape[0], self.latent_dim
+            if self.fusion == "joint":
+                phi = phi.view(n, size, size, self.kernel_latent_dim)
+            else:
+                phi = phi.view(n, self.num_blocks, size, size)
+        return lam, phi
+
+    def _check(self, x: Tensor) -> None:
+        name = type(self).__name__
+        check_input(name, x, 4, self.in_channels)
+        if self.latent_norm_in is not None and self.training:
+            h_out = (x.shape[2] - 1) // self.stride + 1
+            w_out = (x.shape[3] - 1) // self.stride + 1
+            if x.shape[0] * h_out * w_out < 2:
+                raise ValueError(
+                    f"{name}: batch norm in the latent space (latent_norm=True) needs more than one "
+                    f"value per channel in training mode, but got batch size {x.shape[0]} with a "
+                    f"{h_out}x{w_out} output; train with batch size >= 2, call .eval(), "
+                    "or build the operator with latent_norm=False"
+                )
+
+    # -- fast path ----------------------------------------------------------------------------
+
+    def prefers_kernel_route(self, height: int, width: int) -> bool:
+        """True when forming the per-sample 1x1 residual costs fewer MAdds than the activation route."""
+        if not self.channel_fusion or self.fusion != "channel":
+            return False
+        if self.route != "auto":
+            return self.route == "kernel"
+        return self.residual_madds(height, width, "kernel") < self.residual_madds(
+            height, width, "activations"
+        )
+
+    def residual_madds(self, height: int, width: int, route: str) -> int:
+        """MAdds per sample of the dynamic residual at an output of height x width, by route."""
+        if not self.channel_fusion:
+            return 0
+        pixels = height * width
+        latent, blocks = self.latent_dim, self.num_blocks
+        if self.fusion == "joint":
+            elements = self.kernel_size**2
+            basis = self.latent_dim * self.kernel_latent_dim
+            return pixels * (
+                self.in_channels * latent  # Q
+                + basis * elements  # R, depthwise over the latent channels
+                + latent * basis  # Phi
+                + self.out_channels * latent  # P
+            )
+        if route == "activations":
+            return pixels * (self.in_channels * latent + blocks * latent**2 + self.out_channels * latent)
+        rows, cols = self.out_channels // blocks, self.in_channels // blocks
+        form = blocks * (rows * latent * latent + rows * latent * cols)
+        if self.kernel_size == 1:
+            return form + self.out_channels * self.in_channels  # merged into W0: no extra conv
+        return form + pixels * self.out_channels * self.in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
+        self._check(x)
+        lam, phi = self.coefficients(x)
+        n = x.shape[0]
+        h_out = (x.shape[2] - 1) // self.stride + 1
+        w_out = (x.shape[3] - 1) // self.stride + 1
+        use_kernel = phi is not None and self.prefers_kernel_route(h_out, w_out)
+        if use_kernel and self.latent_norm_in is not None and self.training:
+            use_kernel = False  # batch statistics are only available on the activations
+        if use_kernel and self.kernel_size == 1:
+            return self._forward_merged_1x1(x, lam, phi)
+        out = F.conv2d(x, self.static_kernel(), self.bias, self.stride, self.padding)
+        if phi is None:
+            return out * lam.view(n, -1, 1, 1)
+        if use_kernel:
+            residual = self._residual_by_kernel(x, phi)
+        elif self.fusion == "joint":
+            residual = self._residual_joint(x, phi)
+        else:
+            residual = self._residual_channel(x, phi)
+        if lam is None:
+            return out + residual
+        return torch.addcmul(residual, out, lam.view(n, -1, 1, 1))
+
+    def _residual_channel(self, x: Tensor, phi: Tensor) -> Tensor:
+        """P Phi Q^T applied to the activations: Q (1x1, strided), Phi (batched matmul), P (1x1)."""
+        n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
+        q = self.compress.view(blocks * latent, -1, 1, 1)
+        z = F.conv2d(x, q, stride=self.stride, groups=blocks)
+        h, w = z.shape[-2:]
+        z = z.reshape(n, blocks * latent, h * w)
+        if self.latent_norm_in is not None:
+            z = self.latent_norm_in(z)
+        fused = torch.matmul(phi, z.view(n, blocks, latent, h * w)).view(n, blocks * latent, h * w)
+        if self.latent_norm_out is not None:
+            fused = self.latent_norm_out(fused) + z
+        p = self.expand.view(self.out_channels, latent, 1, 1)
+        return F.conv2d(fused.view(n, blocks * latent, h, w), p, groups=blocks)
+
+    def _residual_joint(self, x: Tensor, phi: Tensor) -> Tensor:
+        """Phi x_1 Q x_2 P x_3 R applied to the activations (Eq. 9), no k x k kernel per sample."""
+        n, latent, kl, k = x.shape[0], self.latent_dim, self.kernel_latent_dim, self.kernel_size
+        z = F.conv2d(x, self.compress.view(latent, self.in_channels, 1, 1))
+        basis = self.kernel_basis.t().reshape(kl, 1, k, k).repeat(latent, 1, 1, 1)
+        u = F.conv2d(z, basis, stride=self.stride, padding=self.padding, groups=latent)
+        h, w = u.shape[-2:]
+        # mix[n, b, a * L_k + t] = Phi[n, a, b, t]
+        mix = phi.permute(0, 2, 1, 3).reshape(n, latent, latent * kl)
+        fused = torch.bmm(mix, u.reshape(n, latent * kl, h * w))
+        return F.conv2d(fused.view(n, latent, h, w), self.expand.view(self.out_channels, latent, 1, 1))
+
+    def _latent_kernels(self, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per-sample residual 1x1 kernels (N, C_out, C_in) and their bias (N, C_out) or None.
+
+        With batch norms in the latent space the residual is P (A2 Phi + I)(A1 Q^T x + c1) + P c2,
+        an affine map per sample: kernel P (A2 Phi + I) A1 Q^T and bias P ((A2 Phi + I) c1 + c2).
+        """
+        n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
+        rows, cols = self.out_channels // blocks, self.in_channels // blocks
+        p = self.expand.view(blocks, rows, latent)
+        q = self.compress.view(blocks, latent, cols)
+        effective, latent_bias = phi, None
+        if self.latent_norm_in is not None:
+            z = F.conv2d(x, self.compress.view(blocks * latent, cols, 1, 1), stride=self.stride, groups=blocks)
+            z = z.flatten(2)
+            scale1, shift1 = batch_norm_affine(z, self.latent_norm_in, (0, 2))
+            z1 = z * scale1[:, None] + shift1[:, None]
+            fused = torch.matmul(phi, z1.view(n, blocks, latent, -1)).view(n, blocks * latent, -1)
+            scale2, shift2 = batch_norm_affine(fused, self.latent_norm_out, (0, 2))
+            scale1, shift1 = scale1.view(blocks, latent), shift1.view(blocks, latent)
+            scale2, shift2 = scale2.view(blocks, latent), shift2.view(blocks, latent)
+            eye = torch.eye(latent, dtype=x.dtype, device=x.device)
+            mixer = scale2[None, :, :, None] * phi + eye  # (A2 Phi + I)
+            effective = mixer * scale1[None, :, None, :]
+            latent_bias = torch.einsum("nbij,bj->nbi", mixer, shift1) + shift2
+        blocks_kernel = torch.einsum("bol,nblm,bmi->nboi", p, effective, q)
+        kernel = x.new_zeros(n, blocks, rows, blocks, cols)
+        for b in range(blocks):
+            kernel[:, b, :, b, :] = blocks_kernel[:, b]
+        kernel = kernel.view(n, self.out_channels, self.in_channels)
+        bias = None
+        if latent_bias is not None:
+            bias = torch.einsum("bol,nbl->nbo", p, latent_bias).reshape(n, self.out_channels)
+        return kernel, bias
+
+    def _residual_by_kernel(self, x: Tensor, phi: Tensor) -> Tensor:
+        """The 1x1 residual as a per-sample kernel applied by batched matmul (k > 1 route)."""
+        kernel, bias = self._latent_kernels(x, phi)
+        xs = x[:, :, :: self.stride, :: self.stride]
+        n, _, h, w = xs.shape
+        out = torch.bmm(kernel, xs.reshape(n, self.in_channels, h * w))
+        if bias is not None:
+            out = out + bias[:, :, None]
+        return out.view(n, self.out_channels, h, w)
+
+    def _forward_merged_1x1(self, x: Tensor, lam: Tensor | None, phi: Tensor) -> Tensor:
+        """1x1 layer by one per-sample kernel Lambda W0 + P Phi Q^T applied as a batched matmul."""
+        kernel, bias = self._latent_kernels(x, phi)
+        static = self.weight.view(1, self.out_channels, self.in_channels)
+        kernel = kernel + (static * lam[:, :, None] if lam is not None else static)
+        xs = x[:, :, :: self.stride, :: self.stride]
+        n, _, h, w = xs.shape
+        out = torch.bmm(kernel, xs.reshape(n, self.in_channels, h * w))
+        total = self._static_bias(lam, n)
+        if bias is not None:
+            total = bias if total is None else total + bias
+        if total is not None:
+            out = out + total[:, :, None]
+        return out.view(n, self.out_channels, h, w)
+
+    def _static_bias(self, lam: Tensor | None, n: int) -> Tensor | None:
+        if self.bias is None:
+            return None
+        if lam is None:
+            return self.bias.expand(n, -1)
+        return lam * self.bias
+
+    # -- reference ----------------------------------------------------------------------------
+
+    def sample_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Each sample's full kernel W(x) as (N, C_out, C_in, k, k) and its bias (N, C_out) or None."""
+        lam, phi = self.coefficients(x)
+        n, k = x.shape[0], self.kernel_size
+        kernel = self.static_kernel().unsqueeze(0).expand(n, -1, -1, -1, -1)
+        if lam is not None:
+            kernel = kernel * lam[:, :, None, None, None]
+        bias = self._static_bias(lam, n)
+        if phi is None:
+            return kernel, bias
+        if self.fusion == "joint":
+            residual = torch.einsum(
+                "ob,nabt,ai,et->noie", self.expand, phi, self.compress, self.kernel_basis
+            )
+            return kernel + residual.reshape(n, self.out_channels, self.in_channels, k, k), bias
+        residual, latent_bias = self._latent_kernels(x, phi)
+        centre = torch.zeros(k, k, dtype=x.dtype, device=x.device)
+        centre[k // 2, k // 2] = 1
+        kernel = kernel + residual[:, :, :, None, None] * centre
+        if latent_bias is not None:
+            bias = latent_bias if bias is None else bias + latent_bias
+        return kernel, bias
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Slow reference: form each sample's W(x) and run an ordinary convolution with it."""
+        self._check(x)
+        kernels, biases = self.sample_kernels(x)
+        outputs = [
+            F.conv2d(
+                x[i : i + 1],
+                kernels[i],
+                None if biases is None else biases[i],
+                self.stride,
+                self.padding,
+            )
+            for i in range(x.shape[0])
+        ]
+        return torch.cat(outputs)

@@ -1,0 +1,98 @@
+"""DCD with the structure of the official release (github liyunsheng13/dcd), as presets.
+
+The release differs from the paper's formulation (docs/paper-vs-release.md lists every difference):
+its dynamic branch is FC -> small squeeze-and-excitation gate -> heads, its gates are hard sigmoids
+with range [0, 2], the latent space has batch norms with an identity path around Phi, expanding
+layers pool the input to 2x2 for the branch, and L and the branch width follow rules of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from .dcd_conv import DCDConv2d
+from .dcd_linear import DCDLinear
+
+ReleaseLayout = Literal["mobilenetv2", "resnet_basic", "resnet_bottleneck"]
+
+
+def release_sizes(
+    in_channels: int, out_channels: int, layout: ReleaseLayout, fc_squeeze: int = 8
+) -> tuple[int, int, int]:
+    """(latent dim L, branch width, pool size) that the release uses for a layer of this shape.
+
+    mobilenetv2: DYModule; resnet_basic: the 3x3 convs of BasicBlock (conv_basic_dy);
+    resnet_bottleneck: the convs of Bottleneck (conv_dy). `fc_squeeze` only applies to mobilenetv2.
+    """
+    if layout == "mobilenetv2":
+        expanding = in_channels < out_channels
+        mult, reduction, pool = (4, 8, 2) if expanding else (1, 2, 1)
+        features = in_channels * mult
+        latent = min(features // reduction, out_channels // reduction)
+        while latent**2 > features * 2:
+            reduction *= 2
+            latent = min(features // reduction, out_channels // reduction)
+        latent = max(latent, 4)
+        hidden = max(max(features, latent**2) // fc_squeeze, 4)
+        return latent, hidden, pool
+    if layout == "resnet_basic":
+        features = in_channels * 4
+        latent = int(math.sqrt(features))
+        return latent, max(max(features, latent**2) // 16, 4), 2
+    if layout == "resnet_bottleneck":
+        latent = int(math.sqrt(in_channels))
+        return latent, max(max(in_channels, latent**2) // 16, 1), 1
+    raise ValueError(
+        f"release_sizes: layout={layout!r} is not allowed; "
+        "expected one of ['mobilenetv2', 'resnet_basic', 'resnet_bottleneck']"
+    )
+
+
+class DCDReleaseConv2d(DCDConv2d):
+    """DCDConv2d configured as the official release builds the layer (channel fusion alone)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        *,
+        layout: ReleaseLayout = "mobilenetv2",
+        fc_squeeze: int = 8,
+        route: str = "auto",
+    ) -> None:
+        latent, hidden, pool = release_sizes(in_channels, out_channels, layout, fc_squeeze)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            groups,
+            latent_dim=latent,
+            branch_hidden=hidden,
+            pool_size=pool,
+            gate="hard_sigmoid",
+            squeeze_excite=True,
+            latent_norm=True,
+            route=route,
+        )
+        self.layout = layout
+
+
+class DCDReleaseLinear(DCDLinear):
+    """DCDLinear configured as the release's dynamic classifier (DYCls: L = 32, branch width 32)."""
+
+    def __init__(self, in_features: int, out_features: int, *, latent_dim: int = 32, branch_hidden: int = 32) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            latent_dim=latent_dim,
+            branch_hidden=branch_hidden,
+            gate="hard_sigmoid",
+            squeeze_excite=True,
+            latent_norm=True,
+            bias=True,
+        )

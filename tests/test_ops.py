@@ -1,0 +1,340 @@
+"""Operators: the fast path equals the per-sample-kernel reference, and the paper's identities hold."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcd_lightning.ops import (
+    CondConv2d,
+    DCDConv2d,
+    DCDDepthwiseConv2d,
+    DCDLinear,
+    DCDReleaseConv2d,
+    DCDReleaseLinear,
+    DyConv2d,
+    StaticConv2d,
+    StaticLinear,
+    latent_dim_rule,
+)
+
+CIN, COUT = 16, 24
+
+# name -> factory(stride) returning an operator taking (N, CIN, H, W) (or (N, CIN) for linear).
+CONV_VARIANTS: dict[str, Callable[[int], nn.Module]] = {
+    "dcd_1x1_activations": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, route="activations"),
+    "dcd_1x1_kernel": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, route="kernel"),
+    "dcd_1x1_auto": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2),
+    "dcd_1x1_no_attention_eq5": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, channel_attention=False, route="activations"),
+    "dcd_1x1_attention_only": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, channel_fusion=False),
+    "dcd_1x1_latent_mult_0.5": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, latent_mult=0.5, route="activations"),
+    "dcd_1x1_blocks_4_activations": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, num_blocks=4, latent_dim=3, route="activations"),
+    "dcd_1x1_blocks_2_kernel": lambda s: DCDConv2d(CIN, COUT, 1, s, reduction=2, num_blocks=2, route="kernel"),
+    "dcd_1x1_bias_hard_sigmoid_se": lambda s: DCDConv2d(
+        CIN, COUT, 1, s, bias=True, gate="hard_sigmoid", squeeze_excite=True, pool_size=2, route="activations"
+    ),
+    "dcd_3x3_channel_activations": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, route="activations"),
+    "dcd_3x3_channel_kernel": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, route="kernel"),
+    "dcd_5x5_channel_blocks_2": lambda s: DCDConv2d(CIN, COUT, 5, s, reduction=2, num_blocks=2, route="activations"),
+    "dcd_3x3_joint": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, fusion="joint", latent_dim=3),
+    "dcd_3x3_joint_no_attention": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, fusion="joint", latent_dim=3, channel_attention=False),
+    "dcd_3x3_latent_norm_activations": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, latent_norm=True, route="activations"),
+    "release_mobilenetv2_expand_activations": lambda s: DCDReleaseConv2d(CIN, COUT, 1, s, route="activations"),
+    "release_mobilenetv2_expand_kernel": lambda s: DCDReleaseConv2d(CIN, COUT, 1, s, route="kernel"),
+    "release_mobilenetv2_project": lambda s: DCDReleaseConv2d(CIN, CIN // 2, 1, s, route="activations"),
+    "release_resnet_basic": lambda s: DCDReleaseConv2d(CIN, COUT, 3, s, layout="resnet_basic", route="activations"),
+    "release_resnet_basic_kernel": lambda s: DCDReleaseConv2d(CIN, COUT, 3, s, layout="resnet_basic", route="kernel"),
+    "release_resnet_bottleneck_3x3": lambda s: DCDReleaseConv2d(CIN, COUT, 3, s, layout="resnet_bottleneck"),
+    "dcd_depthwise_kernel": lambda s: DCDDepthwiseConv2d(CIN, CIN, 3, s, CIN, reduction=2, route="kernel"),
+    "dcd_depthwise_activations": lambda s: DCDDepthwiseConv2d(CIN, CIN, 3, s, CIN, reduction=2, route="activations", bias=True),
+    "dcd_depthwise_5x5_no_attention": lambda s: DCDDepthwiseConv2d(CIN, CIN, 5, s, CIN, reduction=2, channel_attention=False, route="activations"
+    ),
+    "dcd_depthwise_attention_only": lambda s: DCDDepthwiseConv2d(CIN, CIN, 3, s, CIN, reduction=2, channel_fusion=False),
+    "condconv_kernel": lambda s: CondConv2d(CIN, COUT, 3, s, mixing="kernel", bias=True),
+    "condconv_output": lambda s: CondConv2d(CIN, COUT, 3, s, mixing="output", bias=True),
+    "condconv_grouped_output": lambda s: CondConv2d(CIN, COUT, 3, s, 4, mixing="output"),
+    "condconv_depthwise_kernel": lambda s: CondConv2d(CIN, CIN, 3, s, CIN, mixing="kernel"),
+    "dyconv_kernel": lambda s: DyConv2d(CIN, COUT, 1, s, mixing="kernel", temperature=30.0),
+    "dyconv_output": lambda s: DyConv2d(CIN, COUT, 3, s, mixing="output", bias=True),
+    "dyconv_depthwise_output": lambda s: DyConv2d(CIN, CIN, 3, s, CIN, mixing="output"),
+    "dyconv_depthwise_kernel": lambda s: DyConv2d(CIN, CIN, 3, s, CIN, mixing="kernel"),
+}
+
+LINEAR_VARIANTS: dict[str, Callable[[], nn.Module]] = {
+    "dcd_linear": lambda: DCDLinear(CIN, 10, reduction=2),
+    "dcd_linear_no_attention": lambda: DCDLinear(CIN, 10, reduction=2, channel_attention=False, bias=False),
+    "dcd_linear_attention_only": lambda: DCDLinear(CIN, 10, reduction=2, channel_fusion=False),
+    "release_linear": lambda: DCDReleaseLinear(CIN, 10, latent_dim=6, branch_hidden=8),
+}
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter and batch-norm statistic random values so no identity hides a bug."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.5)
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.running_mean.copy_(torch.randn(sub.running_mean.shape, generator=generator))
+                sub.running_var.copy_(torch.rand(sub.running_var.shape, generator=generator) + 0.5)
+    return module
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6) -> None:
+    """Max abs difference within `rel` of the largest magnitude of `expected`."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = (actual - expected).abs().max() / scale
+    assert error <= rel, f"relative error {error:.3e} > {rel}"
+
+
+def compare(module: nn.Module, x: torch.Tensor, training: bool) -> None:
+    """forward == reference_forward, and gradients of x and of every parameter agree."""
+    module.train(training)
+    weights = torch.randn(module(x.detach()).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    grads = []
+    outputs = []
+    for path in (module.reference_forward, module.forward):
+        module.zero_grad()
+        inp = x.detach().clone().requires_grad_(True)
+        out = path(inp)
+        (out * weights).sum().backward()
+        outputs.append(out.detach())
+        named = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        grads.append((inp.grad.clone(), named))
+    assert_close_relative(outputs[1], outputs[0])
+    # the kernels must really differ between samples, or the comparison proves little
+    sample = x if x.dim() == 4 else x[:, :, None, None]
+    kernels, _ = module.sample_kernels(sample)
+    spread = (kernels - kernels.mean(dim=0, keepdim=True)).abs().max()
+    assert spread > 1e-3 * kernels.abs().max()
+    assert_close_relative(grads[1][0], grads[0][0])
+    assert grads[1][1].keys() == grads[0][1].keys()
+    for name, grad in grads[0][1].items():
+        assert_close_relative(grads[1][1][name], grad), name
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", sorted(CONV_VARIANTS))
+def test_conv_fast_equals_reference(name: str, stride: int, training: bool) -> None:
+    module = randomise(CONV_VARIANTS[name](stride))
+    for size in (7, 8):
+        x = torch.randn(3, CIN, size, size, generator=torch.Generator().manual_seed(size))
+        compare(module, x, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(LINEAR_VARIANTS))
+def test_linear_fast_equals_reference(name: str, training: bool) -> None:
+    module = randomise(LINEAR_VARIANTS[name]())
+    x = torch.randn(5, CIN, generator=torch.Generator().manual_seed(3))
+    compare(module, x, training)
+
+
+def test_kernel_and_activation_routes_agree_with_each_other() -> None:
+    x = torch.randn(2, CIN, 6, 6)
+    by_kernel = randomise(DCDConv2d(CIN, COUT, 1, route="kernel")).eval()
+    by_activations = randomise(DCDConv2d(CIN, COUT, 1, route="activations")).eval()
+    assert_close_relative(by_kernel(x), by_activations(x))
+
+
+@pytest.mark.parametrize("channels,reduction", [(64, 16), (256, 16), (96, 8), (320, 8)])
+def test_dcd_parameter_count_matches_section_3_4(channels: int, reduction: int) -> None:
+    op = DCDConv2d(channels, channels, 1, reduction=reduction)
+    latent = op.latent_dim
+    assert latent**2 < channels
+    expected = channels**2 + 2 * channels * latent + (2 * channels + latent**2) * channels // reduction
+    assert sum(p.numel() for p in op.parameters()) == expected
+
+
+def test_latent_dim_rule() -> None:
+    # "dividing C by 2 repeatedly until it is less than sqrt(C)" (Section 3.2)
+    assert [latent_dim_rule(c) for c in (64, 96, 128, 256, 320, 1280)] == [4, 6, 8, 8, 10, 20]
+    for channels in range(2, 2000):
+        assert latent_dim_rule(channels) ** 2 < channels
+    # the printed formula floor(C / 2^floor(log2 sqrt C))
+    assert [latent_dim_rule(c, "formula") for c in (64, 96, 1000)] == [8, 12, 62]
+    assert DCDConv2d(64, 64, latent_mult=0.5).latent_dim == 2
+    assert DCDConv2d(256, 256, latent_mult=0.75).latent_dim == 6
+    assert DCDConv2d(64, 64, num_blocks=4).latent_dim == latent_dim_rule(16)
+    # Eq. 9 defaults: L_k = floor(k^2 / 2), L from C / L_k
+    joint = DCDConv2d(256, 256, 3, fusion="joint")
+    assert joint.kernel_latent_dim == 4 and joint.latent_dim == latent_dim_rule(64)
+    assert DCDDepthwiseConv2d(32, 32, 5).kernel_latent_dim == 12
+
+
+def test_blocks_make_the_residual_block_diagonal() -> None:
+    op = randomise(DCDConv2d(CIN, COUT, 1, num_blocks=4, reduction=2, channel_attention=False)).eval()
+    with torch.no_grad():
+        op.weight.zero_()
+    kernels, _ = op.sample_kernels(torch.randn(2, CIN, 5, 5))
+    full = kernels[..., 0, 0].abs()
+    rows, cols = COUT // 4, CIN // 4
+    for b in range(4):
+        block = full[:, b * rows : (b + 1) * rows, b * cols : (b + 1) * cols]
+        assert block.min() > 0
+        full[:, b * rows : (b + 1) * rows, b * cols : (b + 1) * cols] = 0
+    assert full.max() == 0
+
+
+def test_channel_fusion_alone_residual_lives_at_the_centre_tap() -> None:
+    op = randomise(DCDConv2d(CIN, COUT, 3, reduction=2, channel_attention=False)).eval()
+    kernels, _ = op.sample_kernels(torch.randn(2, CIN, 5, 5))
+    residual = kernels - op.weight
+    centre = residual[..., 1, 1].clone()
+    residual[..., 1, 1] = 0
+    assert residual.abs().max() == 0 and centre.abs().min() > 0
+
+
+def test_dyconv_with_one_hot_attention_is_that_kernels_static_conv() -> None:
+    op = randomise(DyConv2d(CIN, COUT, 3, 2, bias=True))
+    x = torch.randn(3, CIN, 9, 9)
+    for chosen in range(op.num_kernels):
+        one_hot = F.one_hot(torch.full((3,), chosen), op.num_kernels).to(x.dtype)
+        op.attention = lambda _x, one_hot=one_hot: one_hot  # type: ignore[method-assign]
+        expected = F.conv2d(x, op.weight[chosen], op.bias[chosen], 2, 1)
+        for mixing in ("kernel", "output"):
+            op.mixing = mixing
+            assert_close_relative(op(x), expected)
+
+
+def test_dyconv_temperature_flattens_attention_and_is_saved() -> None:
+    op = randomise(DyConv2d(CIN, COUT, 1, num_kernels=4))
+    x = torch.randn(2, CIN, 4, 4)
+    op.set_temperature(1e6)
+    assert_close_relative(op.attention(x), torch.full((2, 4), 0.25), 1e-4)
+    assert float(op.state_dict()["temperature"]) == 1e6
+    with pytest.raises(ValueError, match="DyConv2d: temperature=0"):
+        op.set_temperature(0)
+
+
+def test_dcd_without_fusion_equals_lambda_w0() -> None:
+    op = randomise(DCDConv2d(CIN, COUT, 3, 2, channel_fusion=False))
+    x = torch.randn(3, CIN, 8, 8)
+    pooled = x.mean(dim=(2, 3))
+    lam = 2 * torch.sigmoid(torch.relu(pooled @ op.branch.fc.weight.t()) @ op.branch.attention.weight.t())
+    expected = lam[:, :, None, None] * F.conv2d(x, op.weight, None, 2, 1)
+    assert_close_relative(op(x), expected)
+    assert not hasattr(op, "compress") and op.branch.fusion is None
+
+
+def test_dcd_equals_its_equation_for_a_1x1_layer() -> None:
+    """Eq. 6 written out with matrices: y = (Lambda W0 + P Phi Q^T) x at every pixel."""
+    op = randomise(DCDConv2d(CIN, COUT, 1, route="activations"))
+    x = torch.randn(2, CIN, 5, 5)
+    lam, phi = op.coefficients(x)
+    for i in range(2):
+        matrix = torch.diag(lam[i]) @ op.weight[:, :, 0, 0] + op.expand @ phi[i, 0] @ op.compress
+        expected = torch.einsum("oc,chw->ohw", matrix, x[i])
+        assert_close_relative(op(x)[i], expected)
+
+
+def test_static_ops_keep_torch_state_dict_names() -> None:
+    conv, linear = StaticConv2d(8, 16, 3, 2), StaticLinear(16, 10)
+    assert set(conv.state_dict()) == {"weight"} and conv.padding == (1, 1)
+    assert set(linear.state_dict()) == {"weight", "bias"}
+    dcd = DCDLinear(16, 10)
+    dcd.load_state_dict(linear.state_dict(), strict=False)
+    assert torch.equal(dcd.weight, linear.weight)
+
+
+# -- batch size 1 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: DCDConv2d(CIN, COUT, 3),
+        lambda: DCDReleaseConv2d(CIN, COUT, 1),
+        lambda: DCDDepthwiseConv2d(CIN, CIN, 3),
+        lambda: CondConv2d(CIN, COUT, 3),
+        lambda: DyConv2d(CIN, COUT, 3),
+    ],
+)
+def test_batch_size_one_trains(factory: Callable[[], nn.Module]) -> None:
+    op = factory().train()
+    out = op(torch.randn(1, CIN, 6, 6))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
+def test_batch_size_one_with_latent_norm_and_nothing_to_normalise_says_why() -> None:
+    op = DCDReleaseLinear(CIN, 10).train()
+    with pytest.raises(ValueError, match=r"DCDReleaseLinear: batch norm in the latent space.*batch size 1.*\.eval\(\)"):
+        op(torch.randn(1, CIN))
+    assert op.eval()(torch.randn(1, CIN)).shape == (1, 10)
+    assert DCDLinear(CIN, 10).train()(torch.randn(1, CIN)).shape == (1, 10)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build,pattern",
+    [
+        (lambda: DCDConv2d(CIN, COUT, latent_mult=0), r"DCDConv2d: latent_mult=0 .*> 0"),
+        (lambda: DCDConv2d(CIN, COUT, latent_mult=-1.5), r"DCDConv2d: latent_mult=-1.5"),
+        (lambda: DCDLinear(CIN, 10, latent_mult=0.0), r"DCDLinear: latent_mult=0.0"),
+        (lambda: DCDConv2d(CIN, COUT, num_blocks=5), r"DCDConv2d: num_blocks=5 must divide in_channels=16"),
+        (lambda: DCDConv2d(CIN, COUT, num_blocks=0), r"DCDConv2d: num_blocks=0 .*>= 1"),
+        (lambda: DCDConv2d(CIN, COUT, 4), r"DCDConv2d: kernel_size=4 is even.*odd"),
+        (lambda: DCDConv2d(CIN, COUT, 2, fusion="joint"), r"DCDConv2d: kernel_size=2 is even"),
+        (lambda: DCDDepthwiseConv2d(CIN, CIN, 2), r"DCDDepthwiseConv2d: kernel_size=2 is even"),
+        (lambda: DCDDepthwiseConv2d(CIN, COUT, 3), r"DCDDepthwiseConv2d: .*out_channels == groups == in_channels"),
+        (lambda: DCDConv2d(CIN, CIN, 3, groups=CIN), r"DCDConv2d: groups=16 is not supported.*DCDDepthwiseConv2d"),
+        (lambda: DCDConv2d(CIN, COUT, fusion="tensor"), r"DCDConv2d: fusion='tensor'.*\['channel', 'joint'\]"),
+        (lambda: CondConv2d(CIN, COUT, num_experts=0), r"CondConv2d: num_experts=0 .*>= 1"),
+        (lambda: DyConv2d(CIN, COUT, num_kernels=0), r"DyConv2d: num_kernels=0 .*>= 1"),
+        (lambda: DyConv2d(CIN, COUT, num_kernels=-2), r"DyConv2d: num_kernels=-2"),
+        (lambda: CondConv2d(CIN, COUT, groups=5), r"CondConv2d: groups=5 must divide"),
+        (lambda: StaticConv2d(CIN, COUT, stride=0), r"StaticConv2d: stride=0"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_operator_and_value(build, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        build()
+
+
+@pytest.mark.parametrize("name", sorted(CONV_VARIANTS))
+def test_wrong_input_rank_or_channels_is_rejected(name: str) -> None:
+    op = CONV_VARIANTS[name](1)
+    op_name = type(op).__name__
+    with pytest.raises(ValueError, match=rf"{op_name}: expected a 4-d input .*C=16, got shape \(2, 16, 5\)"):
+        op(torch.randn(2, CIN, 5))
+    with pytest.raises(ValueError, match=rf"{op_name}: .*C=16, got shape \(2, 15, 5, 5\)"):
+        op(torch.randn(2, CIN - 1, 5, 5))
+    with pytest.raises(ValueError, match=rf"{op_name}: .*got shape \(2, 15, 5, 5\)"):
+        op.reference_forward(torch.randn(2, CIN - 1, 5, 5))
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_VARIANTS))
+def test_linear_rejects_wrong_input(name: str) -> None:
+    op = LINEAR_VARIANTS[name]()
+    with pytest.raises(ValueError, match=r"expected a 2-d input \(N, C\) with C=16, got shape \(2, 16, 1, 1\)"):
+        op(torch.randn(2, CIN, 1, 1))
+    with pytest.raises(ValueError, match=r"C=16, got shape \(2, 8\)"):
+        op(torch.randn(2, 8))
+
+
+def test_hard_sigmoid_gate_range() -> None:
+    op = DCDConv2d(CIN, COUT, gate="hard_sigmoid", channel_fusion=False)
+    with torch.no_grad():
+        op.branch.attention.weight.fill_(100.0)
+        op.branch.fc.weight.fill_(1.0)
+    lam, _ = op.coefficients(torch.ones(1, CIN, 2, 2))
+    assert torch.allclose(lam, torch.full_like(lam, 2.0))
+    assert math.isclose(float((F.relu6(torch.tensor(0.0) + 3) / 3)), 1.0)

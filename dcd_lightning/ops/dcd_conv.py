@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,13 @@ class DCDConv2d(nn.Module):
     `channel_attention` switches Lambda(x) (Eq. 6) against identity (Eq. 5); `channel_fusion=False`
     leaves Lambda(x) W0 alone. `squeeze_excite`, `gate="hard_sigmoid"`, `latent_norm` and
     `pool_size=2` give the structure of the official release (see DCDReleaseConv2d).
+
+    L defaults to the paper's rule (Section 3.2) on the wider of C_in and C_out (divided by B, or
+    by L_k for joint fusion), scaled by `latent_mult`; `latent_dim` sets it outright. The branch
+    width is C_in * pool_size^2 / `reduction` (r), or `branch_hidden`.
+    `route` picks how the 1x1 residual is applied: "activations" (Q, Phi, P on the feature map),
+    "kernel" (each sample's 1x1 kernel by batched matmul; for a 1x1 layer merged with Lambda W0),
+    or "auto", the one with fewer multiply-adds at the input's resolution.
     """
 
     def __init__(
@@ -47,7 +55,7 @@ class DCDConv2d(nn.Module):
         *,
         channel_attention: bool = True,
         channel_fusion: bool = True,
-        fusion: str = "channel",
+        fusion: Literal["channel", "joint"] = "channel",
         latent_mult: float = 1.0,
         latent_dim: int | None = None,
         latent_rule: LatentRule = "halving",
@@ -127,13 +135,14 @@ class DCDConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
 
-        smaller = min(in_channels, out_channels)
+        # The paper assumes C_in = C_out = C; for other layers L follows the wider side.
+        wider = max(in_channels, out_channels)
         self.kernel_latent_dim = 0
         self.latent_dim = 0
         fusion_size = 0
         if channel_fusion and fusion == "channel":
             self.latent_dim = latent_dim or scale_latent(
-                latent_dim_rule(smaller // num_blocks, latent_rule), latent_mult
+                latent_dim_rule(wider // num_blocks, latent_rule), latent_mult
             )
             fusion_size = num_blocks * self.latent_dim**2
             # Q: compresses each block's inputs, shape (B * L, C_in / B); P: (C_out, L).
@@ -150,7 +159,7 @@ class DCDConv2d(nn.Module):
                     f"expected 1 <= L_k < k^2 = {elements}"
                 )
             self.latent_dim = latent_dim or scale_latent(
-                latent_dim_rule(max(1, smaller // self.kernel_latent_dim), latent_rule), latent_mult
+                latent_dim_rule(max(1, wider // self.kernel_latent_dim), latent_rule), latent_mult
             )
             fusion_size = self.latent_dim**2 * self.kernel_latent_dim
             self.compress = nn.Parameter(torch.empty(self.latent_dim, in_channels))

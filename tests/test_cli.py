@@ -1,0 +1,89 @@
+"""The command line: help, the quickstart config end to end, and the operator benchmark."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcd_lightning import bench_ops
+from dcd_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dcd_lightning", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_lists_commands(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for command in ("fit", "validate", "test", "predict", "bench-ops"):
+        assert f"  {command}" in result.stdout
+
+
+def test_no_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: python -m dcd_lightning COMMAND" in capsys.readouterr().out
+
+
+def test_quickstart_config_trains_end_to_end(tmp_path: Path) -> None:
+    result = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--trainer.fast_dev_run=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_resolves_operator_factories(tmp_path: Path) -> None:
+    result = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--model.init_args.backbone.init_args.conv.init_args.latent_mult=0.5",
+        "--print_config",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class_path: dcd_lightning.ops.DCDConv2d" in result.stdout
+    assert "latent_mult: 0.5" in result.stdout
+
+
+def test_bad_operator_option_is_reported_at_the_cli(tmp_path: Path) -> None:
+    result = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--model.init_args.backbone.init_args.conv.init_args.latent_mult=-1",
+        "--trainer.fast_dev_run=1",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "DCDConv2d: latent_mult=-1" in result.stderr
+
+
+def test_bench_ops_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench-ops", "--quick", "--rounds", "1", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    for shape in bench_ops.QUICK_SHAPES:
+        assert f"### {shape.family}: {shape.label}" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| operator")]
+    static_rows = [r for r in rows if r.startswith("| static |")]
+    assert len(static_rows) == len(bench_ops.QUICK_SHAPES)
+    assert all(r.split("|")[4].strip() == "1.00" for r in static_rows)
+    names = {r.split("|")[1].strip() for r in rows}
+    assert {"dcd (kernel)", "dcd (activations)", "condconv (kernel)", "condconv (output)", "dyconv (output)"} <= names
+    assert {"dcd", "dcd-release", "dcd joint"} <= names

@@ -114,3 +114,31 @@ def batch_norm_affine(
     if norm.bias is not None:
         shift = shift + norm.bias
     return scale, shift
+
+
+def check_conv_args(op: str, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int) -> None:
+    """Check the five leading arguments of the operator contract."""
+    check_int(op, "in_channels", in_channels)
+    check_int(op, "out_channels", out_channels)
+    check_int(op, "kernel_size", kernel_size)
+    check_int(op, "stride", stride)
+    check_groups(op, in_channels, out_channels, groups)
+
+
+def pool_input(x: Tensor, pool_size: int) -> Tensor:
+    """Average-pool `x` (N, C, H, W) to pool_size x pool_size and flatten to (N, C * pool_size^2)."""
+    if pool_size == 1:
+        return x.mean(dim=(2, 3))
+    return F.adaptive_avg_pool2d(x, pool_size).flatten(1)
+
+
+def per_sample_conv(
+    x: Tensor, kernels: Tensor, biases: Tensor | None, stride: int, padding: int, groups: int
+) -> Tensor:
+    """Reference convolution: sample i of `x` with kernels[i] and biases[i], one plain conv each."""
+    return torch.cat(
+        [
+            F.conv2d(x[i : i + 1], kernels[i], None if biases is None else biases[i], stride, padding, groups=groups)
+            for i in range(x.shape[0])
+        ]
+    )

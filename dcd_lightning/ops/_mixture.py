@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import check_choice, check_groups, check_input, check_int
+from ._common import check_choice, check_conv_args, check_input, check_int, per_sample_conv
 
 
 class MixtureConv2d(nn.Module):
@@ -35,11 +35,7 @@ class MixtureConv2d(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_int(name, "in_channels", in_channels)
-        check_int(name, "out_channels", out_channels)
-        check_int(name, "kernel_size", kernel_size)
-        check_int(name, "stride", stride)
-        check_groups(name, in_channels, out_channels, groups)
+        check_conv_args(name, in_channels, out_channels, kernel_size, stride, groups)
         check_int(name, kernel_arg, num_kernels)
         check_choice(name, "mixing", mixing, ("auto", "kernel", "output"))
         self.in_channels = in_channels
@@ -125,16 +121,4 @@ class MixtureConv2d(nn.Module):
         """Slow reference: form each sample's kernel and run an ordinary convolution with it."""
         check_input(type(self).__name__, x, 4, self.in_channels)
         kernels, biases = self.sample_kernels(x)
-        return torch.cat(
-            [
-                F.conv2d(
-                    x[i : i + 1],
-                    kernels[i],
-                    None if biases is None else biases[i],
-                    self.stride,
-                    self.padding,
-                    groups=self.groups,
-                )
-                for i in range(x.shape[0])
-            ]
-        )
+        return per_sample_conv(x, kernels, biases, self.stride, self.padding, self.groups)

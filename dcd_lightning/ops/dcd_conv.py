@@ -16,12 +16,14 @@ from ._common import (
     Route,
     batch_norm_affine,
     check_choice,
-    check_groups,
+    check_conv_args,
     check_input,
     check_int,
     check_odd_kernel,
     check_positive,
     latent_dim_rule,
+    per_sample_conv,
+    pool_input,
     scale_latent,
 )
 
@@ -72,11 +74,7 @@ class DCDConv2d(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_int(name, "in_channels", in_channels)
-        check_int(name, "out_channels", out_channels)
-        check_int(name, "kernel_size", kernel_size)
-        check_int(name, "stride", stride)
-        check_groups(name, in_channels, out_channels, groups)
+        check_conv_args(name, in_channels, out_channels, kernel_size, stride, groups)
         if groups != 1:
             raise ValueError(
                 f"{name}: groups={groups} is not supported; DCDConv2d needs groups=1 "
@@ -220,11 +218,7 @@ class DCDConv2d(nn.Module):
 
     def coefficients(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Lambda(x) as (N, C_out) and Phi(x) as (N, B, L, L) or, for joint fusion, (N, L, L, L_k)."""
-        if self.pool_size == 1:
-            pooled = x.mean(dim=(2, 3))
-        else:
-            pooled = F.adaptive_avg_pool2d(x, self.pool_size).flatten(1)
-        lam, phi = self.branch(pooled)
+        lam, phi = self.branch(pool_input(x, self.pool_size))
         if phi is not None:
             n, size = x.shape[0], self.latent_dim
             if self.fusion == "joint":
@@ -429,14 +423,4 @@ class DCDConv2d(nn.Module):
         """Slow reference: form each sample's W(x) and run an ordinary convolution with it."""
         self._check(x)
         kernels, biases = self.sample_kernels(x)
-        outputs = [
-            F.conv2d(
-                x[i : i + 1],
-                kernels[i],
-                None if biases is None else biases[i],
-                self.stride,
-                self.padding,
-            )
-            for i in range(x.shape[0])
-        ]
-        return torch.cat(outputs)
+        return per_sample_conv(x, kernels, biases, self.stride, self.padding, 1)

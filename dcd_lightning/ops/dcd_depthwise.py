@@ -16,6 +16,8 @@ from ._common import (
     check_int,
     check_odd_kernel,
     check_positive,
+    per_sample_conv,
+    pool_input,
     scale_latent,
 )
 
@@ -126,11 +128,7 @@ class DCDDepthwiseConv2d(nn.Module):
 
     def coefficients(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Lambda(x) as (N, C) and Phi(x) as (N, L_k, L_k)."""
-        if self.pool_size == 1:
-            pooled = x.mean(dim=(2, 3))
-        else:
-            pooled = F.adaptive_avg_pool2d(x, self.pool_size).flatten(1)
-        lam, phi = self.branch(pooled)
+        lam, phi = self.branch(pool_input(x, self.pool_size))
         if phi is not None:
             phi = phi.view(x.shape[0], self.kernel_latent_dim, self.kernel_latent_dim)
         return lam, phi
@@ -189,16 +187,4 @@ class DCDDepthwiseConv2d(nn.Module):
         """Slow reference: form each sample's kernel and run an ordinary depthwise convolution."""
         check_input(type(self).__name__, x, 4, self.in_channels)
         kernels, biases = self.sample_kernels(x)
-        return torch.cat(
-            [
-                F.conv2d(
-                    x[i : i + 1],
-                    kernels[i],
-                    None if biases is None else biases[i],
-                    self.stride,
-                    self.padding,
-                    groups=self.in_channels,
-                )
-                for i in range(x.shape[0])
-            ]
-        )
+        return per_sample_conv(x, kernels, biases, self.stride, self.padding, self.in_channels)

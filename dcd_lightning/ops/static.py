@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import check_groups, check_input, check_int
+from ._common import check_conv_args, check_input, check_int
 
 
 class StaticConv2d(nn.Conv2d):
@@ -21,11 +21,7 @@ class StaticConv2d(nn.Conv2d):
         padding: int | None = None,
     ) -> None:
         name = type(self).__name__
-        check_int(name, "in_channels", in_channels)
-        check_int(name, "out_channels", out_channels)
-        check_int(name, "kernel_size", kernel_size)
-        check_int(name, "stride", stride)
-        check_groups(name, in_channels, out_channels, groups)
+        check_conv_args(name, in_channels, out_channels, kernel_size, stride, groups)
         if padding is None:
             padding = kernel_size // 2
         super().__init__(

@@ -12,12 +12,14 @@ from torch import nn
 
 from dcd_lightning.ops import (
     CondConv2d,
+    CondLinear,
     DCDConv2d,
     DCDDepthwiseConv2d,
     DCDLinear,
     DCDReleaseConv2d,
     DCDReleaseLinear,
     DyConv2d,
+    DyLinear,
     StaticConv2d,
     StaticLinear,
     latent_dim_rule,
@@ -70,6 +72,8 @@ LINEAR_VARIANTS: dict[str, Callable[[], nn.Module]] = {
     "dcd_linear_no_attention": lambda: DCDLinear(CIN, 10, reduction=2, channel_attention=False, bias=False),
     "dcd_linear_attention_only": lambda: DCDLinear(CIN, 10, reduction=2, channel_fusion=False),
     "release_linear": lambda: DCDReleaseLinear(CIN, 10, latent_dim=6, branch_hidden=8),
+    "condconv_linear": lambda: CondLinear(CIN, 10),
+    "dyconv_linear": lambda: DyLinear(CIN, 10, num_kernels=3),
 }
 
 
@@ -170,7 +174,7 @@ def test_latent_dim_rule() -> None:
     assert [latent_dim_rule(c, "formula") for c in (64, 96, 1000)] == [8, 12, 62]
     assert DCDConv2d(64, 64, latent_mult=0.5).latent_dim == 2
     assert DCDConv2d(256, 256, latent_mult=0.75).latent_dim == 6
-    assert DCDConv2d(64, 64, num_blocks=4).latent_dim == latent_dim_rule(16)
+    assert DCDConv2d(256, 256, num_blocks=4).latent_dim == latent_dim_rule(64) == 4
     # Eq. 9 defaults: L_k = floor(k^2 / 2), L from C / L_k
     joint = DCDConv2d(256, 256, 3, fusion="joint")
     assert joint.kernel_latent_dim == 4 and joint.latent_dim == latent_dim_rule(64)

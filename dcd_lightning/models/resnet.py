@@ -73,6 +73,8 @@ class ResNet(nn.Module):
     `small_input=True` uses a 3x3 stride-1 stem without max-pool, for 32x32 and smaller images.
     """
 
+    paper_counts_classifier = False  # the paper's ResNet parameter counts leave out `fc`
+
     def __init__(
         self,
         num_classes: int = 1000,

@@ -5,23 +5,25 @@ each dynamic one has a fast `forward` and a slow `reference_forward` that form e
 kernel explicitly; tests hold the two equal.
 """
 
-from .condconv import CondConv2d
+from .condconv import CondConv2d, CondLinear
 from .dcd_conv import DCDConv2d
 from .dcd_depthwise import DCDDepthwiseConv2d
 from .dcd_linear import DCDLinear
 from .dcd_release import DCDReleaseConv2d, DCDReleaseLinear, release_sizes
-from .dyconv import DyConv2d
+from .dyconv import DyConv2d, DyLinear
 from .static import StaticConv2d, StaticLinear
 from ._common import latent_dim_rule
 
 __all__ = [
     "CondConv2d",
+    "CondLinear",
     "DCDConv2d",
     "DCDDepthwiseConv2d",
     "DCDLinear",
     "DCDReleaseConv2d",
     "DCDReleaseLinear",
     "DyConv2d",
+    "DyLinear",
     "StaticConv2d",
     "StaticLinear",
     "latent_dim_rule",

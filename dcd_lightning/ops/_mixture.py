@@ -70,6 +70,16 @@ class MixtureConv2d(nn.Module):
         """Per-sample weights of the K kernels, shape (N, K)."""
         raise NotImplementedError
 
+    def madds(self, height: int, width: int) -> int:
+        """MAdds per sample for an input of height x width, at the cheaper of the two mixings."""
+        h_out, w_out = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        kernel = self.weight[0].numel()
+        static = kernel * h_out * w_out
+        by_kernel = static + self.num_kernels * kernel
+        by_output = self.num_kernels * (static + self.out_channels * h_out * w_out)
+        branch = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        return min(by_kernel, by_output) + branch
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
         check_input(type(self).__name__, x, 4, self.in_channels)
@@ -122,3 +132,21 @@ class MixtureConv2d(nn.Module):
         check_input(type(self).__name__, x, 4, self.in_channels)
         kernels, biases = self.sample_kernels(x)
         return per_sample_conv(x, kernels, biases, self.stride, self.padding, self.groups)
+
+
+class MixtureLinearMixin:
+    """Turns a MixtureConv2d subclass into a classifier on (N, C) inputs (a 1x1 conv at 1x1)."""
+
+    in_channels: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map `x` of shape (N, in_features) to (N, out_features)."""
+        check_input(type(self).__name__, x, 2, self.in_channels)
+        return super().forward(x[:, :, None, None]).flatten(1)  # type: ignore[misc]
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Slow reference: form each sample's matrix and apply it with a plain matmul."""
+        check_input(type(self).__name__, x, 2, self.in_channels)
+        kernels, biases = self.sample_kernels(x[:, :, None, None])  # type: ignore[attr-defined]
+        out = torch.stack([kernels[i, :, :, 0, 0] @ x[i] for i in range(x.shape[0])])
+        return out if biases is None else out + biases

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._mixture import MixtureConv2d
+from ._mixture import MixtureConv2d, MixtureLinearMixin
 
 
 class CondConv2d(MixtureConv2d):
@@ -35,3 +35,11 @@ class CondConv2d(MixtureConv2d):
     def mixture_weights(self, x: Tensor) -> Tensor:
         """Routing weights sigmoid(FC(GAP(x))), shape (N, K)."""
         return torch.sigmoid(self.routing(x.mean(dim=(2, 3))))
+
+
+class CondLinear(MixtureLinearMixin, CondConv2d):
+    """CondConv classifier: W(x) = sum_k r_k(x) W_k on inputs (N, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, *, num_experts: int = 8, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, 1, 1, 1, num_experts=num_experts, bias=bias)
+        self.in_features, self.out_features = in_features, out_features

@@ -39,8 +39,10 @@ class DCDConv2d(nn.Module):
     leaves Lambda(x) W0 alone. `squeeze_excite`, `gate="hard_sigmoid"`, `latent_norm` and
     `pool_size=2` give the structure of the official release (see DCDReleaseConv2d).
 
-    L defaults to the paper's rule (Section 3.2) on the wider of C_in and C_out (divided by B, or
-    by L_k for joint fusion), scaled by `latent_mult`; `latent_dim` sets it outright. The branch
+    L defaults to the paper's rule (Section 3.2) on the wider of C_in and C_out (for joint fusion on
+    that divided by L_k), scaled by `latent_mult`. With B blocks each block gets the L of a layer
+    with C / B channels (this reproduces Table 3a's Params and MAdds on the release's structure);
+    `latent_dim` sets the per-block size outright. The branch
     width is C_in * pool_size^2 / `reduction` (r), or `branch_hidden`.
     `route` picks how the 1x1 residual is applied: "activations" (Q, Phi, P on the feature map),
     "kernel" (each sample's 1x1 kernel by batched matmul; for a 1x1 layer merged with Lambda W0),
@@ -139,6 +141,7 @@ class DCDConv2d(nn.Module):
         self.latent_dim = 0
         fusion_size = 0
         if channel_fusion and fusion == "channel":
+            # each of the B diagonal blocks is sized as a layer of its own, with C / B channels
             self.latent_dim = latent_dim or scale_latent(
                 latent_dim_rule(wider // num_blocks, latent_rule), latent_mult
             )
@@ -275,6 +278,30 @@ class DCDConv2d(nn.Module):
         if self.kernel_size == 1:
             return form + self.out_channels * self.in_channels  # merged into W0: no extra conv
         return form + pixels * self.out_channels * self.in_channels
+
+    def branch_madds(self) -> int:
+        """MAdds per sample of the dynamic branch's fully connected layers."""
+        return sum(m.in_features * m.out_features for m in self.branch.modules() if isinstance(m, nn.Linear))
+
+    def madds(self, height: int, width: int) -> int:
+        """MAdds per sample for an input of height x width, each dynamic part at its cheaper route.
+
+        Static kernel + dynamic branch + the residual either formed per sample or applied to the
+        activations (whichever costs less); Lambda alone costs min(scaling W0, scaling the output).
+        """
+        h_out, w_out = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        kernel_area = self.kernel_size**2
+        static = self.out_channels * self.in_channels * kernel_area * h_out * w_out
+        if self.channel_fusion:
+            dynamic = self.residual_madds(h_out, w_out, "activations")
+            if self.fusion == "channel":
+                # or form each sample's kernel, adding the 1x1 residual into W0's centre tap
+                rows, cols, latent = self.out_channels // self.num_blocks, self.in_channels // self.num_blocks, self.latent_dim
+                formed = self.num_blocks * rows * latent * (latent + cols) + self.out_channels * self.in_channels
+                dynamic = min(dynamic, formed)
+        else:
+            dynamic = min(self.out_channels * self.in_channels * kernel_area, self.out_channels * h_out * w_out)
+        return static + self.branch_madds() + dynamic
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""

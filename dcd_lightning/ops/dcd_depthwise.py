@@ -152,6 +152,19 @@ class DCDDepthwiseConv2d(nn.Module):
             bias = self.bias.expand(n, -1) if lam is None else lam * self.bias
         return kernel, bias
 
+    def madds(self, height: int, width: int) -> int:
+        """MAdds per sample for an input of height x width, the dynamic part at its cheaper route."""
+        h_out, w_out = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        pixels, area, kl, c = h_out * w_out, self.kernel_size**2, self.kernel_latent_dim, self.in_channels
+        branch = sum(m.in_features * m.out_features for m in self.branch.modules() if isinstance(m, nn.Linear))
+        if self.channel_fusion:
+            by_kernel = c * (kl * kl + kl * area + area)
+            by_activations = c * kl * area * pixels + c * kl * kl + c * kl * pixels
+            dynamic = min(by_kernel, by_activations)
+        else:
+            dynamic = min(c * area, c * pixels)
+        return c * area * pixels + branch + dynamic
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the dynamic depthwise convolution to `x` of shape (N, C, H, W)."""
         check_input(type(self).__name__, x, 4, self.in_channels)

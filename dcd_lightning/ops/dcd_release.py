@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from ._common import Route, check_int, check_positive, scale_latent
 from .dcd_conv import DCDConv2d
 from .dcd_linear import DCDLinear
 
@@ -50,7 +51,14 @@ def release_sizes(
 
 
 class DCDReleaseConv2d(DCDConv2d):
-    """DCDConv2d configured as the official release builds the layer (channel fusion alone)."""
+    """DCDConv2d configured as the official release builds the layer (channel fusion alone).
+
+    The ablation switches of the paper (Tables 1-3) apply on top of the release's structure:
+    `channel_attention`, `channel_fusion`, `latent_mult` (scales the release's L) and
+    `num_blocks` (B blocks, each with the L the release's rule gives a C_in/B -> C_out/B layer);
+    `pool_size` replaces the release's
+    choice of branch pooling.
+    """
 
     def __init__(
         self,
@@ -62,18 +70,36 @@ class DCDReleaseConv2d(DCDConv2d):
         *,
         layout: ReleaseLayout = "mobilenetv2",
         fc_squeeze: int = 8,
-        route: str = "auto",
+        channel_attention: bool = True,
+        channel_fusion: bool = True,
+        latent_mult: float = 1.0,
+        num_blocks: int = 1,
+        pool_size: int | None = None,
+        route: Route = "auto",
     ) -> None:
-        latent, hidden, pool = release_sizes(in_channels, out_channels, layout, fc_squeeze)
+        check_positive(type(self).__name__, "latent_mult", latent_mult)
+        check_int(type(self).__name__, "num_blocks", num_blocks)
+        _, hidden, pool = release_sizes(in_channels, out_channels, layout, fc_squeeze)
+        if in_channels % num_blocks or out_channels % num_blocks:
+            raise ValueError(
+                f"{type(self).__name__}: num_blocks={num_blocks} must divide in_channels={in_channels} and "
+                f"out_channels={out_channels}; choose a common divisor"
+            )
+        # each diagonal block is sized as a layer of its own (C_in / B -> C_out / B)
+        block_latent = release_sizes(in_channels // num_blocks, out_channels // num_blocks, layout, fc_squeeze)[0]
+        latent = scale_latent(block_latent, latent_mult)
         super().__init__(
             in_channels,
             out_channels,
             kernel_size,
             stride,
             groups,
+            channel_attention=channel_attention,
+            channel_fusion=channel_fusion,
+            num_blocks=num_blocks,
             latent_dim=latent,
             branch_hidden=hidden,
-            pool_size=pool,
+            pool_size=pool_size or pool,
             gate="hard_sigmoid",
             squeeze_excite=True,
             latent_norm=True,
@@ -85,12 +111,23 @@ class DCDReleaseConv2d(DCDConv2d):
 class DCDReleaseLinear(DCDLinear):
     """DCDLinear configured as the release's dynamic classifier (DYCls: L = 32, branch width 32)."""
 
-    def __init__(self, in_features: int, out_features: int, *, latent_dim: int = 32, branch_hidden: int = 32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        latent_dim: int = 32,
+        branch_hidden: int = 32,
+        channel_attention: bool = True,
+        channel_fusion: bool = True,
+    ) -> None:
         super().__init__(
             in_features,
             out_features,
             latent_dim=latent_dim,
             branch_hidden=branch_hidden,
+            channel_attention=channel_attention,
+            channel_fusion=channel_fusion,
             gate="hard_sigmoid",
             squeeze_excite=True,
             latent_norm=True,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import check_int, check_positive
-from ._mixture import MixtureConv2d
+from ._mixture import MixtureConv2d, MixtureLinearMixin
 
 
 class DyConv2d(MixtureConv2d):
@@ -57,3 +57,23 @@ class DyConv2d(MixtureConv2d):
     def mixture_weights(self, x: Tensor) -> Tensor:
         """The attention pi(x)."""
         return self.attention(x)
+
+
+class DyLinear(MixtureLinearMixin, DyConv2d):
+    """DY-Conv classifier: W(x) = sum_k pi_k(x) W_k on inputs (N, in_features)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        num_kernels: int = 4,
+        reduction: int = 4,
+        temperature: float = 1.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, 1, 1, 1,
+            num_kernels=num_kernels, reduction=reduction, temperature=temperature, bias=bias,
+        )
+        self.in_features, self.out_features = in_features, out_features

@@ -1,0 +1,265 @@
+"""Model registry in the timm manner: every model of the paper's tables by name.
+
+    create_model("mobilenetv2_x0.5_dcd", num_classes=10)
+    list_models("resnet*")
+
+Each entry records the backbone, its arguments and one operator per placement, so the same
+spec builds the model in Python and writes its LightningCLI config (configs/paper/).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from .. import ops
+from .mobilenetv2 import MobileNetV2
+from .resnet import ResNet
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An operator class from dcd_lightning.ops with keyword options."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def cls(self) -> type[nn.Module]:
+        """The operator class."""
+        return getattr(ops, self.name)
+
+    def factory(self) -> Any:
+        """A callable taking the positional operator arguments."""
+        return partial(self.cls, **dict(self.options)) if self.options else self.cls
+
+    def config(self) -> dict[str, Any]:
+        """class_path / init_args form for a LightningCLI config."""
+        spec: dict[str, Any] = {"class_path": f"dcd_lightning.ops.{self.name}"}
+        if self.options:
+            spec["init_args"] = dict(self.options)
+        return spec
+
+
+def op(name: str, **options: Any) -> OpSpec:
+    """Shorthand for OpSpec(name, options)."""
+    return OpSpec(name, tuple(sorted(options.items())))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: backbone class, its arguments and its operators per placement."""
+
+    name: str
+    backbone: str  # "mobilenetv2" or "resnet"
+    args: tuple[tuple[str, Any], ...]
+    operators: tuple[tuple[str, OpSpec], ...]
+    description: str = ""
+    paper: tuple[tuple[str, int], ...] = ()  # (table key in paper-tables.json, row index) pairs
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def backbone_cls(self) -> type[nn.Module]:
+        """MobileNetV2 or ResNet."""
+        return MobileNetV2 if self.backbone == "mobilenetv2" else ResNet
+
+    def build(self, **overrides: Any) -> nn.Module:
+        """Instantiate the model; `overrides` replace backbone arguments (e.g. num_classes)."""
+        kwargs = dict(self.args)
+        kwargs.update({placement: spec.factory() for placement, spec in self.operators})
+        kwargs.update(overrides)
+        return self.backbone_cls(**kwargs)
+
+    def backbone_config(self) -> dict[str, Any]:
+        """The backbone as class_path / init_args (num_classes left to the data module)."""
+        init_args: dict[str, Any] = dict(self.args)
+        init_args.update({placement: spec.config() for placement, spec in self.operators})
+        return {"class_path": f"dcd_lightning.models.{self.backbone_cls.__name__}", "init_args": init_args}
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add `spec` to the registry under its name."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"register_model: a model named {spec.name!r} is registered already")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style `pattern`, sorted."""
+    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec registered as `name`; a ValueError lists close names when there is none."""
+    if name not in _REGISTRY:
+        stem = name.split("_")[0]
+        near = list_models(f"{stem}*")[:12] or list_models()[:12]
+        raise ValueError(f"create_model: no model named {name!r}; registered names include {near}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the registered model `name`; keyword overrides replace its backbone arguments."""
+    return get_model_spec(name).build(**overrides)
+
+
+# -- the paper's models ------------------------------------------------------------------------
+
+STATIC_CONV = op("StaticConv2d")
+STATIC_LINEAR = op("StaticLinear")
+# MobileNetV2 recipe (Section 5): r = 16 for x1.0, 8 for smaller widths; the release's fc_squeeze
+# plays r's role in its branch (16 in its x1.0 commands, 8 by default).
+SQUEEZE = {1.0: 16, 0.5: 8, 0.35: 8}
+WIDTH_NAME = {1.0: "x1.0", 0.5: "x0.5", 0.35: "x0.35"}
+
+
+def _mobilenetv2(
+    width: float, suffix: str, description: str, paper: tuple[tuple[str, int], ...], *,
+    pointwise: OpSpec = STATIC_CONV, depthwise: OpSpec = STATIC_CONV, classifier: OpSpec = STATIC_LINEAR,
+    all_pointwise: bool = False,
+) -> ModelSpec:
+    args: tuple[tuple[str, Any], ...] = (("width_mult", width), ("dropout", 0.1))
+    if all_pointwise:
+        args += (("dynamic_first_block", True), ("dynamic_last_conv", True))
+    return register_model(
+        ModelSpec(
+            name=f"mobilenetv2_{WIDTH_NAME[width]}_{suffix}",
+            backbone="mobilenetv2",
+            args=args,
+            operators=(("pointwise", pointwise), ("depthwise", depthwise), ("classifier", classifier)),
+            description=description,
+            paper=paper,
+        )
+    )
+
+
+def _resnet(depth: int, suffix: str, description: str, paper: tuple[tuple[str, int], ...], *,
+            conv: OpSpec = STATIC_CONV, classifier: OpSpec = STATIC_LINEAR) -> ModelSpec:
+    return register_model(
+        ModelSpec(
+            name=f"resnet{depth}_{suffix}",
+            backbone="resnet",
+            args=(("depth", depth), ("dropout", 0.1 if depth == 50 else 0.0)),
+            operators=(("conv", conv), ("classifier", classifier)),
+            description=description,
+            paper=paper,
+        )
+    )
+
+
+def _dcd_pw(width: float, **options: Any) -> OpSpec:
+    return op("DCDReleaseConv2d", layout="mobilenetv2", fc_squeeze=SQUEEZE[width], **options)
+
+
+def _dcd_dw(width: float) -> OpSpec:
+    # The release has no depthwise DCD; its branch style (SE gate, hard sigmoid) with r as above.
+    return op("DCDDepthwiseConv2d", reduction=SQUEEZE[width], squeeze_excite=True, gate="hard_sigmoid")
+
+
+DCD_CLS = op("DCDReleaseLinear")
+
+
+def _register_paper_models() -> None:
+    t4a = {(r["width"], r["model"]): i for i, r in enumerate(_rows("table4a_mobilenetv2"))}
+    t4b = {(r["depth"], r["model"]): i for i, r in enumerate(_rows("table4b_resnet"))}
+    for width in (1.0, 0.5, 0.35):
+        k = SQUEEZE[width]
+        static_rows = [("table4a_mobilenetv2", t4a[(width, "static")])]
+        if width == 0.5:
+            static_rows += [("table1a_mobilenetv2_x0.5_formulations", 0), ("table2_mobilenetv2_x0.5_latent_multiplier", 0),
+                            ("table3a_mobilenetv2_x0.5_blocks", 0), ("table3b_mobilenetv2_x0.5_placement", 0)]
+        _mobilenetv2(width, "static", "static MobileNetV2", tuple(static_rows))
+        _mobilenetv2(
+            width, "dyconv", "DY-Conv (K=4) on every convolution but the stem; static classifier",
+            (("table4a_mobilenetv2", t4a[(width, "DY-Conv")]),),
+            pointwise=op("DyConv2d", num_kernels=4), depthwise=op("DyConv2d", num_kernels=4),
+        )
+        if (width, "CondConv") in t4a:
+            _mobilenetv2(
+                width, "condconv", "CondConv (K=8) on every convolution but the stem, and the classifier",
+                (("table4a_mobilenetv2", t4a[(width, "CondConv")]),),
+                pointwise=op("CondConv2d", num_experts=8), depthwise=op("CondConv2d", num_experts=8),
+                classifier=op("CondLinear", num_experts=8), all_pointwise=True,
+            )
+        dcd_rows = [("table4a_mobilenetv2", t4a[(width, "DCD")])]
+        if width == 0.5:
+            dcd_rows.append(("table3b_mobilenetv2_x0.5_placement", 6))
+        _mobilenetv2(width, "dcd", "DCD on the pointwise convolutions and the classifier (Table 4)",
+                     tuple(dcd_rows), pointwise=_dcd_pw(width), classifier=DCD_CLS)
+        del k
+
+    # Tables 1a, 2, 3a, 3b: MobileNetV2 x0.5
+    w = 0.5
+    _mobilenetv2(w, "dcd_pw", "Lambda W0 + P Phi Q^T on the pointwise convolutions (Tables 1a, 2, 3a, 3b)",
+                 (("table1a_mobilenetv2_x0.5_formulations", 3), ("table2_mobilenetv2_x0.5_latent_multiplier", 4),
+                  ("table3a_mobilenetv2_x0.5_blocks", 5), ("table3b_mobilenetv2_x0.5_placement", 2)),
+                 pointwise=_dcd_pw(w))
+    _mobilenetv2(w, "dcd_lambda_only", "Lambda W0 on the pointwise convolutions (Table 1a)",
+                 (("table1a_mobilenetv2_x0.5_formulations", 1),), pointwise=_dcd_pw(w, channel_fusion=False))
+    _mobilenetv2(w, "dcd_fusion_only", "W0 + P Phi Q^T on the pointwise convolutions (Tables 1a, 3a)",
+                 (("table1a_mobilenetv2_x0.5_formulations", 2), ("table3a_mobilenetv2_x0.5_blocks", 1)),
+                 pointwise=_dcd_pw(w, channel_attention=False))
+    for index, mult in ((1, 0.25), (2, 0.5), (3, 0.75)):
+        _mobilenetv2(w, f"dcd_pw_l{mult}", f"DCD on the pointwise convolutions, latent multiplier {mult} (Table 2)",
+                     (("table2_mobilenetv2_x0.5_latent_multiplier", index),), pointwise=_dcd_pw(w, latent_mult=mult))
+    for offset, blocks in ((0, 2), (1, 4), (2, 8)):
+        _mobilenetv2(w, f"dcd_fusion_only_b{blocks}", f"W0 + P Phi Q^T with B={blocks} diagonal blocks (Table 3a)",
+                     (("table3a_mobilenetv2_x0.5_blocks", 2 + offset),),
+                     pointwise=_dcd_pw(w, channel_attention=False, num_blocks=blocks))
+        _mobilenetv2(w, f"dcd_pw_b{blocks}", f"Lambda W0 + P Phi Q^T with B={blocks} diagonal blocks (Table 3a)",
+                     (("table3a_mobilenetv2_x0.5_blocks", 6 + offset),), pointwise=_dcd_pw(w, num_blocks=blocks))
+    placements = {  # Table 3b rows (pw + cls is mobilenetv2_x0.5_dcd, pw alone is dcd_pw)
+        "dcd_dw": (1, True, False, False),
+        "dcd_cls": (3, False, False, True),
+        "dcd_dw_cls": (4, True, False, True),
+        "dcd_dw_pw": (5, True, True, False),
+        "dcd_dw_pw_cls": (7, True, True, True),
+    }
+    for suffix, (index, dw, pw, cls) in placements.items():
+        _mobilenetv2(
+            w, suffix, f"DCD at {'+'.join(p for p, on in (('DW', dw), ('PW', pw), ('CLS', cls)) if on)} (Table 3b)",
+            (("table3b_mobilenetv2_x0.5_placement", index),),
+            pointwise=_dcd_pw(w) if pw else STATIC_CONV, depthwise=_dcd_dw(w) if dw else STATIC_CONV,
+            classifier=DCD_CLS if cls else STATIC_LINEAR,
+        )
+
+    # ResNets (Table 4b, Table 1b, the 3x3 extension)
+    for depth in (10, 18, 50):
+        layout = "resnet_bottleneck" if depth == 50 else "resnet_basic"
+        rows = [("table4b_resnet", t4b[(depth, "static")])]
+        if depth == 18:
+            rows.append(("table1b_resnet18_formulations", 0))
+        _resnet(depth, "static", "static ResNet", tuple(rows))
+        rows = [("table4b_resnet", t4b[(depth, "DCD")])]
+        if depth == 18:
+            rows.append(("table1b_resnet18_formulations", 3))
+        _resnet(depth, "dcd", "DCD (channel fusion alone) on every block convolution, and the classifier", tuple(rows),
+                conv=op("DCDReleaseConv2d", layout=layout), classifier=DCD_CLS)
+        if (depth, "DY-Conv") in t4b:
+            _resnet(depth, "dyconv", "DY-Conv (K=4) on every block convolution; static classifier",
+                    (("table4b_resnet", t4b[(depth, "DY-Conv")]),), conv=op("DyConv2d", num_kernels=4))
+    _resnet(18, "dcd_lambda_only", "Lambda W0 on every block convolution (Table 1b)",
+            (("table1b_resnet18_formulations", 1),),
+            conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_fusion=False, pool_size=1), classifier=DCD_CLS)
+    _resnet(18, "dcd_fusion_only", "W0 + P Phi Q^T on every block convolution (Table 1b)",
+            (("table1b_resnet18_formulations", 2),),
+            conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_attention=False), classifier=DCD_CLS)
+    _resnet(18, "dcd_joint", "DCD by joint fusion of channels and kernel elements (Eq. 9; Section 5.2)", (),
+            conv=op("DCDConv2d", fusion="joint"), classifier=DCD_CLS)
+
+
+def _rows(key: str) -> list[dict[str, Any]]:
+    from ..paper import paper_tables
+
+    return paper_tables()[key]
+
+
+_register_paper_models()

@@ -1,0 +1,119 @@
+"""Parameters and multiply-adds (MAdds) of a model, per layer type, counted as the paper counts.
+
+Counting rules (docs/profiling.md): convolutions and linear layers count C_out * C_in/groups * k^2
+per output pixel; a dynamic operator counts its static kernel, its dynamic branch's linear layers,
+and its dynamic part at the cheaper route (the operator's own `madds`); normalisation, activations,
+pooling and additions are not counted. ResNet's parameters are counted without the final
+classifier, MobileNetV2's with it (the paper's convention, see paper-tables.json's notes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerCount:
+    """One counted layer: its name, its type label, parameters and MAdds per image."""
+
+    name: str
+    kind: str
+    params: int
+    madds: int
+
+
+@dataclass
+class Profile:
+    """All counted layers of a model at one input size, with totals."""
+
+    input_size: int
+    layers: list[LayerCount] = field(default_factory=list)
+    params: int = 0
+    paper_params: int = 0
+    classifier_params: int = 0
+
+    @property
+    def madds(self) -> int:
+        """Total MAdds per image."""
+        return sum(layer.madds for layer in self.layers)
+
+    def by_kind(self) -> dict[str, tuple[int, int, int]]:
+        """(count, params, MAdds) per layer type, in order of first appearance."""
+        table: dict[str, tuple[int, int, int]] = OrderedDict()
+        for layer in self.layers:
+            count, params, madds = table.get(layer.kind, (0, 0, 0))
+            table[layer.kind] = (count + 1, params + layer.params, madds + layer.madds)
+        return table
+
+
+def _kind(module: nn.Module) -> str:
+    """Type label of a counted layer: class name, kernel size, and "depthwise" where it is."""
+    name = type(module).__name__
+    if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
+        return name
+    kernel = module.kernel_size[0] if isinstance(module.kernel_size, tuple) else module.kernel_size
+    groups = getattr(module, "groups", 1)
+    depthwise = " depthwise" if groups > 1 and groups == module.in_channels else ""
+    return f"{name} {kernel}x{kernel}{depthwise}"
+
+
+def classifier_of(model: nn.Module) -> nn.Module | None:
+    """The model's final classifier layer (ResNet's `fc`, MobileNetV2's `classifier[-1]`)."""
+    if hasattr(model, "fc"):
+        return model.fc
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Sequential):
+        return head[-1]
+    return head
+
+
+def profile_model(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> Profile:
+    """Count parameters and per-image MAdds of every layer with one eval forward at batch 1."""
+    counted: list[tuple[str, nn.Module]] = []
+    inside_dynamic: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in inside_dynamic:
+            continue
+        if hasattr(module, "madds") and callable(module.madds):
+            counted.append((name, module))
+            inside_dynamic.update(id(sub) for sub in module.modules())
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            counted.append((name, module))
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        module.register_forward_hook(lambda mod, args, out, name=name: shapes.__setitem__(name, tuple(args[0].shape)))
+        for name, module in counted
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    profile = Profile(input_size)
+    for name, module in counted:
+        if name not in shapes:
+            continue  # not on the forward path
+        shape = shapes[name]
+        if hasattr(module, "madds") and callable(module.madds):
+            madds = module.madds(*shape[2:]) if len(shape) == 4 else module.madds(1, 1)
+        elif isinstance(module, nn.Conv2d):
+            h_out = (shape[2] + 2 * module.padding[0] - module.kernel_size[0]) // module.stride[0] + 1
+            w_out = (shape[3] + 2 * module.padding[1] - module.kernel_size[1]) // module.stride[1] + 1
+            madds = module.weight.numel() * h_out * w_out
+        else:
+            madds = module.in_features * module.out_features
+        profile.layers.append(LayerCount(name, _kind(module), sum(p.numel() for p in module.parameters()), madds))
+    profile.params = sum(p.numel() for p in model.parameters())
+    head = classifier_of(model)
+    profile.classifier_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    excludes = getattr(model, "paper_counts_classifier", True) is False
+    profile.paper_params = profile.params - (profile.classifier_params if excludes else 0)
+    return profile

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 TOOLS: dict[str, tuple[str, str]] = {
+    "profile": ("dcd_lightning.profile_cmd", "parameters and MAdds of a config's model, beside the paper's"),
     "bench-ops": ("dcd_lightning.bench_ops", "time each operator against the static convolution"),
+    "import-official": ("dcd_lightning.import_official", "convert an official DCD checkpoint to ours"),
+    "make-paper-configs": ("dcd_lightning.paper_configs", "write configs/paper/ from the model registry"),
 }
 
 USAGE = """usage: python -m dcd_lightning COMMAND [options]

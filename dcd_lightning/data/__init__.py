@@ -1,5 +1,6 @@
-"""LightningDataModules: the embedded digits set (and, later, ImageNet)."""
+"""LightningDataModules: the embedded digits set and ImageNet."""
 
 from .digits import DigitsDataModule
+from .imagenet import ImageNetDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["DigitsDataModule", "ImageNetDataModule"]

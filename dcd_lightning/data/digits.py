@@ -47,6 +47,7 @@ class DigitsDataModule(L.LightningDataModule):
         if image_size < 8:
             raise ValueError(f"DigitsDataModule: image_size={image_size} is not allowed; expected >= 8")
         self.save_hyperparameters()
+        self.input_size = image_size
         self.splits: dict[str, _TensorImages] = {}
 
     def setup(self, stage: str | None = None) -> None:

@@ -3,5 +3,18 @@
 from .mobilenetv2 import MobileNetV2
 from .registry import ModelSpec, create_model, get_model_spec, list_models, register_model
 from .resnet import ResNet
+from .weights import LoadReport, convert_official_state_dict, load_official_checkpoint, warm_start
 
-__all__ = ["MobileNetV2", "ModelSpec", "ResNet", "create_model", "get_model_spec", "list_models", "register_model"]
+__all__ = [
+    "LoadReport",
+    "MobileNetV2",
+    "ModelSpec",
+    "ResNet",
+    "convert_official_state_dict",
+    "create_model",
+    "get_model_spec",
+    "list_models",
+    "load_official_checkpoint",
+    "register_model",
+    "warm_start",
+]

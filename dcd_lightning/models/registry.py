@@ -9,6 +9,7 @@ spec builds the model in Python and writes its LightningCLI config (configs/pape
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from functools import partial
@@ -100,9 +101,11 @@ def list_models(pattern: str = "*") -> list[str]:
 def get_model_spec(name: str) -> ModelSpec:
     """The spec registered as `name`; a ValueError lists close names when there is none."""
     if name not in _REGISTRY:
-        stem = name.split("_")[0]
-        near = list_models(f"{stem}*")[:12] or list_models()[:12]
-        raise ValueError(f"create_model: no model named {name!r}; registered names include {near}")
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=6, cutoff=0.5)
+        raise ValueError(
+            f"create_model: no model named {name!r}; closest registered names: {near} "
+            "(dcd_lightning.list_models() lists all)"
+        )
     return _REGISTRY[name]
 
 

@@ -1,0 +1,191 @@
+"""Backbones, the registry, weight loading (torchvision, official release) and paper configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import dcd_lightning
+from dcd_lightning.classifier import ImageClassifier
+from dcd_lightning.import_official import lightning_checkpoint
+from dcd_lightning.models import MobileNetV2, ResNet, create_model, get_model_spec, list_models, warm_start
+from dcd_lightning.ops import DCDReleaseConv2d, DyConv2d
+from dcd_lightning.paper_configs import config_files
+from dcd_lightning.profile_cmd import model_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+TABLE4_NAMES = [
+    *(f"mobilenetv2_x1.0_{op}" for op in ("static", "dyconv", "condconv", "dcd")),
+    *(f"mobilenetv2_x0.5_{op}" for op in ("static", "dyconv", "condconv", "dcd")),
+    *(f"mobilenetv2_x0.35_{op}" for op in ("static", "dyconv", "dcd")),
+    *(f"resnet10_{op}" for op in ("static", "dyconv", "dcd")),
+    *(f"resnet18_{op}" for op in ("static", "dyconv", "dcd")),
+    "resnet50_static",
+    "resnet50_dcd",
+]
+
+
+@pytest.mark.parametrize(
+    "name,reference",
+    [
+        ("mobilenetv2_x1.0_static", lambda: torchvision.models.mobilenet_v2()),
+        ("mobilenetv2_x0.5_static", lambda: torchvision.models.mobilenet_v2(width_mult=0.5)),
+        ("mobilenetv2_x0.35_static", lambda: torchvision.models.mobilenet_v2(width_mult=0.35)),
+        ("resnet18_static", lambda: torchvision.models.resnet18()),
+        ("resnet50_static", lambda: torchvision.models.resnet50()),
+    ],
+)
+def test_torchvision_weights_load_strict_and_give_identical_logits(name: str, reference) -> None:
+    torch.manual_seed(0)
+    theirs = reference().eval()
+    ours = create_model(name).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_resnet34_layout_matches_torchvision() -> None:
+    ours, theirs = ResNet(depth=34), torchvision.models.resnet34()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_warm_start_loads_static_parts_and_reports_new_keys() -> None:
+    theirs = torchvision.models.mobilenet_v2(width_mult=0.5)
+    ours = create_model("mobilenetv2_x0.5_dcd")
+    report = warm_start(ours, theirs.state_dict())
+    assert not report.unused and not report.mismatched
+    assert "features.2.conv.0.0.weight" in report.loaded  # W0 of a DCD layer
+    assert torch.equal(ours.features[2].conv[0][0].weight, theirs.features[2].conv[0][0].weight)
+    assert "features.2.conv.0.0.compress" in report.new and "classifier.1.branch.fc.weight" in report.new
+    assert all(k in ours.state_dict() for k in report.new)
+    # DY-Conv's K kernels do not fit a static kernel: reported, not loaded
+    dy = create_model("resnet18_dyconv")
+    report = warm_start(dy, torchvision.models.resnet18().state_dict())
+    assert any(m.startswith("layer1.0.conv1.weight") for m in report.mismatched)
+    assert "conv1.weight" in report.loaded and "bn1.weight" in report.loaded
+
+
+def test_registry_has_every_table4_name_and_builds_with_overrides() -> None:
+    names = list_models()
+    assert set(TABLE4_NAMES) <= set(names)
+    model = create_model("resnet18_dcd", num_classes=7)
+    assert model.fc.out_features == 7 and isinstance(model.layer1[0].conv1, DCDReleaseConv2d)
+    assert isinstance(create_model("mobilenetv2_x0.5_dyconv").features[3].conv[1][0], DyConv2d)
+    assert dcd_lightning.list_models("resnet50*") == ["resnet50_dcd", "resnet50_static"]
+    with pytest.raises(ValueError, match=r"create_model: no model named 'resnet19_dcd'.*resnet18_dcd"):
+        create_model("resnet19_dcd")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registry_model_runs_forward_and_backward(name: str) -> None:
+    model = create_model(name, num_classes=5).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5)
+    out.square().mean().backward()
+
+
+def test_small_input_backbones() -> None:
+    assert ResNet(num_classes=10, depth=10, small_input=True)(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert MobileNetV2(num_classes=10, width_mult=0.5, small_input=True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="ResNet: depth=20 is not allowed"):
+        ResNet(depth=20)
+
+
+# -- the official release -------------------------------------------------------------------
+
+
+def official_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    shapes = json.loads((DATA / "official_checkpoint_keys.json").read_text())[name]
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: torch.randint(0, 5, shape, generator=generator) if key.endswith("num_batches_tracked")
+        else torch.rand(shape, generator=generator) + 0.5
+        for key, shape in shapes.items()
+    }
+
+
+@pytest.mark.parametrize("official,ours", [("mobilenetv2_dcd_x1.0", "mobilenetv2_x1.0_dcd"),
+                                           ("resnet50_dcd", "resnet50_dcd")])
+@pytest.mark.parametrize("wrapped", [True, False], ids=["state_dict", "bare"])
+def test_official_checkpoint_loads_with_no_missing_or_unexpected_keys(tmp_path: Path, official: str, ours: str,
+                                                                      wrapped: bool) -> None:
+    state = official_state_dict(official)
+    if not wrapped:
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    torch.save({"epoch": 3, "state_dict": state} if wrapped else state, tmp_path / "official.pth")
+    model = dcd_lightning.load_official_checkpoint(tmp_path / "official.pth")
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in create_model(ours).state_dict().items()
+    }
+    # every tensor of the checkpoint went somewhere: total element counts agree
+    assert sum(v.numel() for v in model.state_dict().values()) == sum(v.numel() for v in state.values())
+    key = "module.features.2.conv.0.conv_q.weight" if official.startswith("mobile") else "module.layer1.0.conv2.q.weight"
+    target = model.features[2].conv[0][0].compress if official.startswith("mobile") else model.layer1[0].conv2.compress
+    assert torch.equal(target, state[key if wrapped else key.removeprefix("module.")].flatten(1))
+
+
+def test_official_checkpoint_of_another_architecture_names_the_keys(tmp_path: Path) -> None:
+    state = official_state_dict("mobilenetv2_dcd_x1.0")
+    state["module.features.5.conv.6.fc_phi.weight"] = torch.zeros(7, 3)
+    del state["module.classifier.1.cls_q.weight"]
+    torch.save({"state_dict": state}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"(?s)fits none of.*features\.5\.conv\.6\.fc_phi\.weight: shape \(7, 3\)"
+                                         r".*classifier\.1\.compress: missing from the checkpoint"):
+        dcd_lightning.load_official_checkpoint(tmp_path / "other.pth")
+
+
+def test_import_official_writes_a_checkpoint_the_lightning_module_loads(tmp_path: Path) -> None:
+    torch.save({"state_dict": official_state_dict("mobilenetv2_dcd_x1.0")}, tmp_path / "official.pth")
+    name, checkpoint = lightning_checkpoint(tmp_path / "official.pth")
+    assert name == "mobilenetv2_x1.0_dcd"
+    module = ImageClassifier(lambda n: create_model(name, num_classes=n), num_classes=1000)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dcd_lightning", "import-official", str(tmp_path / "official.pth"),
+         "--out", str(tmp_path / "ours.ckpt")], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "official weights of mobilenetv2_x1.0_dcd" in result.stdout
+    assert torch.load(tmp_path / "ours.ckpt", weights_only=True)["dcd_lightning_model"] == name
+
+
+# -- configs/paper -----------------------------------------------------------------------------
+
+
+def test_paper_configs_are_the_generated_ones() -> None:
+    files = config_files()
+    on_disk = {p.name: p.read_text() for p in (ROOT / "configs" / "paper").glob("*.yaml")}
+    assert on_disk == files, "run `python -m dcd_lightning make-paper-configs`"
+
+
+@pytest.mark.parametrize("filename", sorted(config_files()))
+def test_every_paper_config_builds_its_registry_model(filename: str) -> None:
+    model, size = model_from_config([str(ROOT / "configs" / "paper" / filename)], [])
+    expected = create_model(filename.split("_", 1)[1].removesuffix(".yaml"))
+    assert size == 224
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    assert [type(m).__name__ for m in model.modules()] == [type(m).__name__ for m in expected.modules()]
+
+
+def test_profile_json_for_a_paper_config(tmp_path: Path) -> None:
+    config = ROOT / "configs" / "paper" / "table4_resnet18_dcd.yaml"
+    result = subprocess.run([sys.executable, "-m", "dcd_lightning", "profile", "--config", str(config), "--json"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)
+    spec_params = sum(p.numel() for p in create_model("resnet18_dcd").parameters())
+    assert isinstance(data["params"], int) and isinstance(data["madds"], int)
+    assert data["params"] == spec_params - data["classifier_params"]  # ResNet: counted without fc
+    assert data["paper"][0]["params_m"] == 14.0
+    text = subprocess.run([sys.executable, "-m", "dcd_lightning", "profile", "--model", "mobilenetv2_x0.5_dcd"],
+                          capture_output=True, text=True, timeout=300).stdout
+    assert "DCDReleaseConv2d 1x1" in text and "paper table4a_mobilenetv2[7]: params 3.1M" in text

@@ -13,12 +13,40 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 
+def mix_batch(
+    images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019), one chosen at random when both are on.
+
+    Returns (mixed images, targets a, targets b, lambda): the loss is
+    lambda * CE(logits, a) + (1 - lambda) * CE(logits, b).
+    """
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand((), generator=generator).item() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    order = torch.randperm(images.shape[0], device=images.device)
+    if not use_cutmix:
+        return lam * images + (1 - lam) * images[order], targets, targets[order], lam
+    h, w = images.shape[-2:]
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images[order][..., top:bottom, left:right]
+    lam = 1 - (bottom - top) * (right - left) / (h * w)
+    return mixed, targets, targets[order], lam
+
+
 class ImageClassifier(L.LightningModule):
-    """Backbone + cross-entropy (with label smoothing) + SGD with a per-step LR schedule.
+    """Backbone + cross-entropy (label smoothing, mixup, cutmix) + SGD with a per-step LR schedule.
 
     `backbone` is a factory called with the number of classes (in YAML: a class_path such as
     dcd_lightning.models.ResNet with its init_args; num_classes is linked from the data module).
-    Logs train/loss, train/acc1, val/loss, val/acc1, val/acc5, test/acc1, test/acc5 as fractions.
+    Schedules: "cosine" to 0, "step" (divide by 10 every `step_epochs`), "constant"; each after
+    `warmup_epochs` of linear warm-up, updated every optimizer step. `decay_norm_and_bias=False`
+    exempts normalisation weights and biases (every parameter with one dimension) from weight decay.
+    Logs train/loss, train/acc1, val/loss, val/acc1, val/acc5, test/acc1, test/acc5 (fractions) and lr.
     """
 
     def __init__(
@@ -29,83 +57,115 @@ class ImageClassifier(L.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 1e-4,
+        decay_norm_and_bias: bool = True,
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         schedule: Literal["cosine", "step", "constant"] = "cosine",
         warmup_epochs: float = 0.0,
         step_epochs: int = 30,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if num_classes < 2:
-            raise ValueError(f"ImageClassifier: num_classes={num_classes} is not allowed; expected >= 2")
-        if lr <= 0:
-            raise ValueError(f"ImageClassifier: lr={lr} is not allowed; expected a number > 0")
+            raise ValueError(f"{name}: num_classes={num_classes} is not allowed; expected >= 2")
+        for key, value in (("lr", lr), ("step_epochs", step_epochs)):
+            if value <= 0:
+                raise ValueError(f"{name}: {key}={value} is not allowed; expected a number > 0")
+        for key, value in (("momentum", momentum), ("weight_decay", weight_decay), ("mixup_alpha", mixup_alpha),
+                           ("cutmix_alpha", cutmix_alpha), ("warmup_epochs", warmup_epochs)):
+            if value < 0:
+                raise ValueError(f"{name}: {key}={value} is not allowed; expected a number >= 0")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"ImageClassifier: label_smoothing={label_smoothing} is not allowed; expected [0, 1)")
+            raise ValueError(f"{name}: label_smoothing={label_smoothing} is not allowed; expected 0 <= it < 1")
+        if nesterov and momentum == 0:
+            raise ValueError(f"{name}: nesterov=True needs momentum > 0")
         self.save_hyperparameters(ignore=["backbone"])
         self.model = backbone(num_classes)
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_acc{k}": MulticlassAccuracy(num_classes, top_k=topk, average="micro")
-                for stage in ("train", "val", "test")
-                for k, topk in (("1", 1), ("5", top5))
-            }
+            {f"{stage}_acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro") for stage in ("train", "val", "test")}
+            | {f"{stage}_acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro") for stage in ("val", "test")}
         )
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the backbone."""
         return self.model(images)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step's loss (on mixed images when mixup or cutmix is on)."""
         images, targets = batch
-        logits = self(images)
-        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        for k in ("1", "5") if stage != "train" else ("1",):
-            metric = self.metrics[f"{stage}_acc{k}"]
-            metric(logits, targets)
-            self.log(f"{stage}/acc{k}", metric, prog_bar=k == "1", on_step=on_step, on_epoch=True)
+        hp = self.hparams
+        smoothing = hp.label_smoothing
+        if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
+            images, targets_a, targets_b, lam = mix_batch(images, targets, hp.mixup_alpha, hp.cutmix_alpha)
+            logits = self(images)
+            loss = lam * F.cross_entropy(logits, targets_a, label_smoothing=smoothing) + (1 - lam) * F.cross_entropy(
+                logits, targets_b, label_smoothing=smoothing
+            )
+            targets = targets_a if lam >= 0.5 else targets_b
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.metrics["train_acc1"](logits, targets)
+        self.log("train/acc1", self.metrics["train_acc1"], prog_bar=True, on_step=True, on_epoch=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step's loss."""
-        return self._step(batch, "train")
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), prog_bar=True, sync_dist=True)
+        for k in ("1", "5"):
+            metric = self.metrics[f"{stage}_acc{k}"]
+            metric(logits, targets)
+            self.log(f"{stage}/acc{k}", metric, prog_bar=k == "1")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Validation loss and accuracy."""
-        self._step(batch, "val")
+        """Validation loss and top-1/top-5 accuracy."""
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Test loss and accuracy."""
-        self._step(batch, "test")
+        """Test loss and top-1/top-5 accuracy."""
+        self._evaluate(batch, "test")
 
     def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
         """Class probabilities."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
 
+    def parameter_groups(self) -> list[dict]:
+        """Parameters for the optimizer: one group, or two when norms and biases get no weight decay."""
+        if self.hparams.decay_norm_and_bias:
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """Multiplier of the base LR at optimizer step `step` (warm-up, then the schedule)."""
+        hp = self.hparams
+        warmup = int(hp.warmup_epochs * steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        if hp.schedule == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if hp.schedule == "step":
+            return 0.1 ** (step // (hp.step_epochs * steps_per_epoch))
+        return 1.0
+
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's own return type
-        """SGD with momentum and a per-step schedule (linear warm-up, then cosine or step)."""
+        """SGD with momentum and the per-step schedule."""
         hp = self.hparams
         optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        per_epoch = max(1, total // epochs)
-        warmup = int(hp.warmup_epochs * per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if hp.schedule == "cosine":
-                progress = (step - warmup) / max(1, total - warmup)
-                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-            if hp.schedule == "step":
-                return 0.1 ** (step // (hp.step_epochs * per_epoch))
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        estimated = self.trainer.estimated_stepping_batches
+        total = max(1, int(estimated)) if math.isfinite(estimated) else 10**12  # max_epochs=-1: no decay
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total, per_epoch))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -14,7 +14,7 @@ import torchvision
 import dcd_lightning
 from dcd_lightning.classifier import ImageClassifier
 from dcd_lightning.import_official import lightning_checkpoint
-from dcd_lightning.models import MobileNetV2, ResNet, create_model, get_model_spec, list_models, warm_start
+from dcd_lightning.models import MobileNetV2, ResNet, create_model, list_models, warm_start
 from dcd_lightning.ops import DCDReleaseConv2d, DyConv2d
 from dcd_lightning.paper_configs import config_files
 from dcd_lightning.profile_cmd import model_from_config

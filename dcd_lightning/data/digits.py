@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .sampling import EpochShuffleSampler
+
 
 class _TensorImages(Dataset):
     """Images and labels in memory, with an optional random translation for training."""
@@ -70,10 +72,11 @@ class DigitsDataModule(L.LightningDataModule):
             self.splits[name] = _TensorImages(images[idx], labels[idx], shift if name == "train" else 0)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            data,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(data), self.hparams.split_seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle and len(self.splits[split]) > self.hparams.batch_size,

@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets, transforms
+
+from .sampling import EpochShuffleSampler
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (torchvision ImageFolder layout)"
 
 
+class CorruptImageError(RuntimeError):
+    """An image file that cannot be decoded."""
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder that names the file when an image cannot be read, or skips it (returning None)."""
+
+    def __init__(self, root: str, transform: Any, skip_corrupt: bool = False) -> None:
+        super().__init__(root, transform)
+        self.skip_corrupt = skip_corrupt
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as handle:
+                image = Image.open(handle).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as error:
+            if self.skip_corrupt:
+                warnings.warn(f"ImageNetDataModule: skipped unreadable image {path}: {error}", stacklevel=2)
+                return None
+            raise CorruptImageError(
+                f"ImageNetDataModule: cannot read image {path}: {error}. Replace or delete the file, or set "
+                "data.init_args.skip_corrupt=true to skip unreadable files (each one is reported)"
+            ) from error
+        return self.transform(image), target
+
+
+def collate_skipping_none(batch: list[Any]) -> Any:
+    """default_collate over the samples that are not None (skipped unreadable images)."""
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        raise CorruptImageError("ImageNetDataModule: every image of a batch was unreadable (see the warnings above)")
+    return default_collate(kept)
+
+
 class ImageNetDataModule(L.LightningDataModule):
     """ImageNet with the standard augmentation: random resized crop + flip for training,
-    resize + centre crop for evaluation. `batch_size` is per device."""
+    resize + centre crop for evaluation.
+
+    `batch_size` is per device (global batch = batch_size x devices x nodes). An unreadable image
+    stops the run with an error naming the file; `skip_corrupt=True` skips such files instead and
+    warns once per file. Shuffling depends only on (seed, epoch), so resumed runs see the same order.
+    """
 
     def __init__(
         self,
@@ -26,6 +72,8 @@ class ImageNetDataModule(L.LightningDataModule):
         eval_resize: int = 256,
         eval_crop: int = 224,
         pin_memory: bool = True,
+        skip_corrupt: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("num_classes", num_classes), ("train_crop", train_crop),
@@ -37,7 +85,7 @@ class ImageNetDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.input_size = eval_crop
-        self.datasets: dict[str, datasets.ImageFolder] = {}
+        self.datasets: dict[str, CheckedImageFolder] = {}
 
     def _folder(self, split: str) -> Path:
         root = Path(self.hparams.root)
@@ -48,7 +96,7 @@ class ImageNetDataModule(L.LightningDataModule):
         return folder
 
     def setup(self, stage: str | None = None) -> None:
-        """Index the image folders (train for fit, val for everything)."""
+        """Index the image folders (train for fit, val for everything) and check the class count."""
         hp = self.hparams
         evaluate = transforms.Compose([
             transforms.Resize(hp.eval_resize), transforms.CenterCrop(hp.eval_crop),
@@ -59,29 +107,33 @@ class ImageNetDataModule(L.LightningDataModule):
                 transforms.RandomResizedCrop(hp.train_crop), transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(), transforms.Normalize(MEAN, STD),
             ])
-            self.datasets["train"] = datasets.ImageFolder(str(self._folder("train")), train)
+            self.datasets["train"] = CheckedImageFolder(str(self._folder("train")), train, hp.skip_corrupt)
         if "val" not in self.datasets:
-            self.datasets["val"] = datasets.ImageFolder(str(self._folder("val")), evaluate)
-        found = len(self.datasets["val"].classes)
-        if found != hp.num_classes:
-            raise ValueError(
-                f"ImageNetDataModule: {self._folder('val')} holds {found} class folders but num_classes="
-                f"{hp.num_classes}; set data.num_classes to {found} or fix the folder"
-            )
+            self.datasets["val"] = CheckedImageFolder(str(self._folder("val")), evaluate, hp.skip_corrupt)
+        for split, data in self.datasets.items():
+            if len(data.classes) != hp.num_classes:
+                raise ValueError(
+                    f"ImageNetDataModule: {self._folder(split)} holds {len(data.classes)} class folders but "
+                    f"num_classes={hp.num_classes}; set data.init_args.num_classes={len(data.classes)} or fix the folder"
+                )
+        if "train" in self.datasets and self.datasets["train"].classes != self.datasets["val"].classes:
+            raise ValueError(f"ImageNetDataModule: train/ and val/ under {hp.root!r} hold different class folders")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            data,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(data), self.hparams.seed) if shuffle else None,
             drop_last=shuffle,
             num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=collate_skipping_none if self.hparams.skip_corrupt else None,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (Lightning adds the distributed sampler under DDP)."""
+        """Shuffled training batches (Lightning shards them across ranks under DDP)."""
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:

@@ -142,3 +142,14 @@ def per_sample_conv(
             for i in range(x.shape[0])
         ]
     )
+
+
+def init_fan_out(weight: Tensor) -> None:
+    """Kaiming normal initialisation with fan-out = dim 0 x the trailing dims (torchvision's conv init).
+
+    For a (C_out, C_in, k, k) kernel that is std sqrt(2 / (C_out k^2)); for a 2-d (rows, cols)
+    factor it is std sqrt(2 / rows), which is how the release initialises its 1x1 Q and P.
+    """
+    fan_out = weight.shape[0] * (weight[0, 0].numel() if weight.dim() > 2 else 1)
+    with torch.no_grad():
+        weight.normal_(0.0, (2.0 / fan_out) ** 0.5)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import check_choice, check_conv_args, check_input, check_int, per_sample_conv
+from ._common import check_choice, check_conv_args, check_input, check_int, init_fan_out, per_sample_conv
 
 
 class MixtureConv2d(nn.Module):
@@ -52,12 +51,11 @@ class MixtureConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise each of the K kernels as nn.Conv2d initialises its weight."""
-        for kernel in self.weight:
-            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+        """Initialise each of the K kernels as torchvision initialises a convolution (Kaiming, fan-out)."""
+        for index in range(self.num_kernels):
+            init_fan_out(self.weight.data[index])
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.weight[0, 0].numel())
-            nn.init.uniform_(self.bias, -bound, bound)
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         """Summarise the configuration for print(model)."""

@@ -21,6 +21,7 @@ from ._common import (
     check_int,
     check_odd_kernel,
     check_positive,
+    init_fan_out,
     latent_dim_rule,
     per_sample_conv,
     pool_input,
@@ -187,14 +188,26 @@ class DCDConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise W0 as nn.Conv2d does and P, Q, R with the same fan-in rule."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """Initialise W0 like a static model's convolution (Kaiming normal, fan-out).
+
+        Paper form: Q (and R) with PyTorch's default fan-in rule and P = 0, so the layer starts as
+        Lambda(x) W0 and the residual grows from there (P's gradient is not zero). With batch norms
+        in the latent space (the release) the scale of Q does not matter and Q, P are initialised
+        as the release does (Kaiming normal, fan-out).
+        """
+        init_fan_out(self.weight)
         if self.bias is not None:
-            fan_in = self.in_channels * self.kernel_size**2
-            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-        for name in ("compress", "expand", "kernel_basis"):
-            if hasattr(self, name):
-                nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+            nn.init.zeros_(self.bias)
+        if not self.channel_fusion:
+            return
+        if self.latent_norm_in is not None:
+            init_fan_out(self.compress)
+            init_fan_out(self.expand)
+            return
+        nn.init.kaiming_uniform_(self.compress, a=math.sqrt(5))
+        if hasattr(self, "kernel_basis"):
+            nn.init.kaiming_uniform_(self.kernel_basis, a=math.sqrt(5))
+        nn.init.zeros_(self.expand)
 
     def static_kernel(self) -> Tensor:
         """W0 as a convolution kernel (C_out, C_in, k, k)."""

@@ -16,6 +16,7 @@ from ._common import (
     check_int,
     check_odd_kernel,
     check_positive,
+    init_fan_out,
     per_sample_conv,
     pool_input,
     scale_latent,
@@ -110,13 +111,13 @@ class DCDDepthwiseConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise W0 as nn.Conv2d does and P, R with the same fan-in rule."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """W0 like a depthwise convolution of MobileNetV2 (Kaiming normal, fan-out); R with the
+        default fan-in rule and P = 0, so the layer starts as Lambda(x) W0."""
+        init_fan_out(self.weight)
         if self.bias is not None:
-            bound = 1 / self.kernel_size
-            nn.init.uniform_(self.bias, -bound, bound)
+            nn.init.zeros_(self.bias)
         if self.channel_fusion:
-            nn.init.kaiming_uniform_(self.expand, a=math.sqrt(5))
+            nn.init.zeros_(self.expand)
             nn.init.kaiming_uniform_(self.kernel_basis, a=math.sqrt(5))
 
     def extra_repr(self) -> str:

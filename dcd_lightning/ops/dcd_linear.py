@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -57,6 +59,20 @@ class DCDLinear(DCDConv2d):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(self.weight.detach().view(out_features, in_features).clone())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W0 and its bias as nn.Linear initialises them; Q and P as in DCDConv2d, except that with
+        latent batch norms (the release's DYCls) they come from N(0, 0.01), so logits start small."""
+        super().reset_parameters()
+        if self.latent_norm_in is not None:  # the release's classifier: N(0, 0.01) for Q and P
+            nn.init.normal_(self.compress, 0.0, 0.01)
+            nn.init.normal_(self.expand, 0.0, 0.01)
+        if self.weight.dim() == 2:  # after construction: W0 is the classifier's matrix
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
 
     def _check_vector(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, 2, self.in_features)

@@ -1,0 +1,94 @@
+"""Training callbacks: DY-Conv's temperature schedule and a report of where a run wrote its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from .ops import DyConv2d
+
+
+class TemperatureSchedule(Callback):
+    """Anneal the softmax temperature of every DY-Conv layer linearly per step, `start` -> `end`
+    over the first `epochs` epochs, then hold `end` (DY-Conv's recipe: 30 -> 1 over 10 epochs).
+
+    The temperature is a buffer of each layer, so it is saved in checkpoints; the schedule is a
+    function of the global step, so a resumed run continues it where it stopped.
+    """
+
+    def __init__(self, start: float = 30.0, end: float = 1.0, epochs: float = 10.0) -> None:
+        super().__init__()
+        if start <= 0 or end <= 0:
+            raise ValueError(f"TemperatureSchedule: start={start}, end={end}: both must be > 0")
+        if epochs < 0:
+            raise ValueError(f"TemperatureSchedule: epochs={epochs} is not allowed; expected >= 0")
+        self.start, self.end, self.epochs = start, end, epochs
+
+    def temperature(self, step: int, steps_per_epoch: int) -> float:
+        """The temperature at optimizer step `step`."""
+        total = self.epochs * steps_per_epoch
+        if total <= 0 or step >= total:
+            return self.end
+        return self.start + (self.end - self.start) * step / total
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Set the temperature for this step and log it."""
+        layers = [m for m in pl_module.modules() if isinstance(m, DyConv2d)]
+        if not layers:
+            return
+        steps_per_epoch = max(1, int(trainer.estimated_stepping_batches) // max(1, trainer.max_epochs or 1))
+        value = self.temperature(trainer.global_step, steps_per_epoch)
+        for layer in layers:
+            layer.set_temperature(value)
+        pl_module.log("train/temperature", value, on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, float]:
+        """The schedule's settings (the temperatures themselves are model buffers)."""
+        return {"start": self.start, "end": self.end, "epochs": self.epochs}
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that, when a run stops on an exception (Ctrl-C, SIGTERM, a crash), writes the
+    state of the last completed step to `last.ckpt` only, so `--ckpt_path last` resumes from it."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Save last.ckpt unless nothing new happened since the last save."""
+        if not self._should_save_on_exception(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if trainer.is_global_zero:
+            print(f"[dcd-lightning] {type(exception).__name__}: saved the last completed step "
+                  f"(epoch {trainer.current_epoch}, step {trainer.global_step}) to {self.last_model_path}; "
+                  "resume with --ckpt_path last", flush=True)
+
+
+class RunLocations(Callback):
+    """Print where the run's logs, checkpoints and resolved config are (rank 0, at fit start and end)."""
+
+    def _report(self, trainer: L.Trainer, when: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        lines = [f"[dcd-lightning] {when}:"]
+        for logger in trainer.loggers:
+            where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            lines.append(f"  logs ({type(logger).__name__}): {where}")
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                lines.append(f"  checkpoints: {callback.dirpath}")
+                if callback.best_model_path:
+                    lines.append(f"  best checkpoint: {callback.best_model_path} (val/acc1 {callback.best_model_score})")
+        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        if config.exists():
+            lines.append(f"  resolved config: {config}")
+        print("\n".join(lines), flush=True)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Report at the start."""
+        self._report(trainer, "run started")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Report at the end."""
+        self._report(trainer, "run finished")

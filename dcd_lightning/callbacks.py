@@ -69,6 +69,7 @@ class RunLocations(Callback):
     """Print where the run's logs, checkpoints and resolved config are (rank 0, at fit start and end)."""
 
     def _report(self, trainer: L.Trainer, when: str) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
         lines = [f"[dcd-lightning] {when}:"]
@@ -80,7 +81,7 @@ class RunLocations(Callback):
                 lines.append(f"  checkpoints: {callback.dirpath}")
                 if callback.best_model_path:
                     lines.append(f"  best checkpoint: {callback.best_model_path} (val/acc1 {callback.best_model_score})")
-        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        config = Path(log_dir or trainer.default_root_dir) / "config.yaml"
         if config.exists():
             lines.append(f"  resolved config: {config}")
         print("\n".join(lines), flush=True)

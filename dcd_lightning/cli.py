@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +76,20 @@ def describe_run(config: dict) -> tuple[str, list[str]]:
 
 
 class DCDSaveConfig(SaveConfigCallback):
-    """Write the resolved config beside the logs and send it, with params and MAdds, to W&B."""
+    """Write the resolved config beside the logs and send it, with params and MAdds, to W&B.
+
+    When the log folder already holds a config of another run (loggers that do not version their
+    folder), this run's config is written as config-<date>-<time>.yaml instead of replacing it.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Pick a file name that does not clash, then save."""
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+            if log_dir is not None and os.path.exists(os.path.join(log_dir, self.config_filename)):
+                stamp = trainer.strategy.broadcast(time.strftime("%Y%m%d-%H%M%S"))
+                self.config_filename = f"config-{stamp}.yaml"
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Log the config and the model's size to every W&B logger."""

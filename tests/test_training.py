@@ -1,0 +1,260 @@
+"""Training end to end through the CLI: paper configs, quickstart, DDP, resume, errors, logging."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_imagenet_args, write_image_folder
+from dcd_lightning.callbacks import TemperatureSchedule
+from dcd_lightning.classifier import ImageClassifier, mix_batch
+from dcd_lightning.cli import describe_run, main
+from dcd_lightning.loggers import wandb_can_sync
+from dcd_lightning.models import create_model
+from dcd_lightning.paper_configs import config_files
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def fit(*args: str) -> None:
+    assert main(["fit", *args]) == 0
+
+
+def metrics(root: Path) -> list[dict[str, str]]:
+    (path,) = glob.glob(str(root / "**" / "metrics.csv"), recursive=True)
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.mark.parametrize("filename", sorted(config_files()))
+def test_every_paper_config_fits_on_a_tiny_image_folder(filename: str, image_folder: Path, tmp_path: Path) -> None:
+    fit("--config", str(ROOT / "configs" / "paper" / filename), *tiny_imagenet_args(image_folder),
+        "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}")
+
+
+def test_quickstart_reaches_95_percent(tmp_path: Path) -> None:
+    fit("--config", QUICKSTART, *QUIET, f"--trainer.default_root_dir={tmp_path}")
+    best = max(float(row["val/acc1"]) for row in metrics(tmp_path) if row.get("val/acc1"))
+    assert best >= 0.95
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert list(tmp_path.glob("*/version_0/config.yaml"))
+
+
+def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dcd_lightning", "fit", "--config", QUICKSTART, *QUIET,
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+         "--data.init_args.image_size=8", f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3 and checkpoint["epoch"] == 0
+    # SyncBatchNorm is not switched on by the quickstart config; the ddp preset does it
+    assert yaml.safe_load((ROOT / "configs" / "presets" / "ddp.yaml").read_text())["trainer"]["sync_batchnorm"]
+
+
+RESUME_ARGS = [
+    "--config", QUICKSTART, *QUIET,
+    "--data.init_args.augment=false", "--data.init_args.image_size=8", "--data.init_args.batch_size=32",
+    "--model.init_args.backbone.init_args.conv.class_path=dcd_lightning.ops.DyConv2d",
+    "--model.init_args.backbone.init_args.conv.init_args.num_kernels=2",
+    "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+    "--temperature.epochs=2",
+]
+
+
+def _interrupted_fit(*args: str) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit(*args)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a KeyboardInterrupt
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit(*RESUME_ARGS, f"--trainer.default_root_dir={straight}")
+    _interrupted_fit(*RESUME_ARGS, f"--trainer.default_root_dir={resumed}",
+                     "--trainer.callbacks+=_training_helpers.InterruptAtEpoch", "--trainer.callbacks.epoch=1")
+    stopped = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (stopped["epoch"], stopped["global_step"]) == (0, 3)
+    fit(*RESUME_ARGS, f"--trainer.default_root_dir={resumed}", "--ckpt_path=last")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 9)
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    temperatures = [v for k, v in b["state_dict"].items() if k.endswith("temperature")]
+    assert temperatures and all(float(t) == 1.0 for t in temperatures)  # schedule over 2 epochs ended
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.allclose(state_a["momentum_buffer"], state_b["momentum_buffer"], atol=1e-6)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 9
+
+
+def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    _interrupted_fit(*RESUME_ARGS, f"--trainer.default_root_dir={tmp_path}",
+                     "--trainer.callbacks+=_training_helpers.InterruptAtStep", "--trainer.callbacks.step=4")
+    stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (stopped["epoch"], stopped["global_step"]) == (1, 4)
+    fit(*RESUME_ARGS, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+
+
+def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "dcd_lightning", "fit", "--config", QUICKSTART, *QUIET,
+            "--data.init_args.image_size=8", "--trainer.max_epochs=1000", f"--trainer.default_root_dir={tmp_path}"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    try:
+        for _ in range(600):  # wait (up to a minute) for the first epoch's checkpoint
+            if last.exists():
+                break
+            time.sleep(0.1)
+        assert last.exists(), "no checkpoint after a minute"
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert "SIGTERMException: saved the last completed step" in output
+    stopped = torch.load(last, weights_only=False)
+    assert stopped["global_step"] >= 19  # at least the first epoch (19 steps) is kept
+    fit("--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", f"--trainer.max_epochs={stopped['epoch'] + 2}",
+        f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")
+    assert torch.load(last, weights_only=False)["global_step"] == 19 * (stopped["epoch"] + 2)
+
+
+def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:
+    args = ["--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+            "--trainer.logger.init_args.version=shared", f"--trainer.default_root_dir={tmp_path}"]
+    fit(*args, "--model.init_args.lr=0.01")
+    time.sleep(1.1)
+    fit(*args, "--model.init_args.lr=0.02")
+    configs = sorted((tmp_path / "digits_resnet10_dcd" / "shared").glob("config*.yaml"))
+    assert len(configs) == 2
+    assert {yaml.safe_load(c.read_text())["model"]["init_args"]["lr"] for c in configs} == {0.01, 0.02}
+
+
+# -- errors that name what was wrong -------------------------------------------------------------
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data")
+    bad = sorted((root / "train" / "n01443537").glob("*.JPEG"))[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    config = str(ROOT / "configs" / "paper" / "table4_resnet18_static.yaml")
+    args = ["--config", config, *tiny_imagenet_args(root), "--data.init_args.batch_size=6",
+            "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    with pytest.raises(RuntimeError, match=rf"cannot read image {bad}.*skip_corrupt=true"):
+        fit(*args)
+    with pytest.warns(UserWarning, match=rf"skipped unreadable image {bad}"):
+        fit(*args, "--data.init_args.skip_corrupt=true")
+
+
+def test_missing_root_names_the_path_and_layout(tmp_path: Path) -> None:
+    config = str(ROOT / "configs" / "paper" / "table4_resnet18_static.yaml")
+    with pytest.raises(FileNotFoundError, match=rf"root '{tmp_path / 'nowhere'}' does not exist; expected root/train"):
+        fit("--config", config, *tiny_imagenet_args(tmp_path / "nowhere"), "--trainer.fast_dev_run=1")
+    (tmp_path / "only_val" / "val").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"only_val' has no train/ folder"):
+        fit("--config", config, *tiny_imagenet_args(tmp_path / "only_val"), "--trainer.fast_dev_run=1")
+
+
+def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        fit("--config", QUICKSTART, "--config", str(bad))
+    assert "learning_rat" in capsys.readouterr().err
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+
+def test_temperature_schedule_is_linear_per_step_then_flat() -> None:
+    schedule = TemperatureSchedule(start=30.0, end=1.0, epochs=10)
+    assert schedule.temperature(0, 100) == 30.0
+    assert schedule.temperature(500, 100) == pytest.approx(15.5)
+    assert schedule.temperature(1000, 100) == schedule.temperature(5000, 100) == 1.0
+    with pytest.raises(ValueError, match="TemperatureSchedule: start=0"):
+        TemperatureSchedule(start=0)
+
+
+def test_lr_schedules_and_weight_decay_groups() -> None:
+    module = ImageClassifier(lambda n: create_model("resnet10_static", num_classes=n), num_classes=10,
+                             schedule="step", step_epochs=30, warmup_epochs=1, decay_norm_and_bias=False)
+    assert module.lr_factor(0, 1000, 10) == pytest.approx(0.1)  # warm-up over 10 steps
+    assert module.lr_factor(9, 1000, 10) == 1.0
+    assert module.lr_factor(299, 1000, 10) == 1.0 and module.lr_factor(300, 1000, 10) == pytest.approx(0.1)
+    decay, no_decay = module.parameter_groups()
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    cosine = ImageClassifier(lambda n: create_model("resnet10_static", num_classes=n), num_classes=10)
+    assert cosine.lr_factor(500, 1000, 10) == pytest.approx(0.5) and cosine.lr_factor(1000, 1000, 10) == 0.0
+    with pytest.raises(ValueError, match="ImageClassifier: label_smoothing=1.0"):
+        ImageClassifier(lambda n: create_model("resnet10_static", num_classes=n), label_smoothing=1.0)
+
+
+def test_mixup_and_cutmix_mix_pairs() -> None:
+    torch.manual_seed(0)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    targets = torch.arange(4)
+    mixed, a, b, lam = mix_batch(images, targets, mixup_alpha=0.4, cutmix_alpha=0.0)
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * a.float() + (1 - lam) * b.float())
+    mixed, a, b, lam = mix_batch(images, targets, mixup_alpha=0.0, cutmix_alpha=1.0)
+    share_a = (mixed[:, 0] == a.float().view(4, 1, 1)).float().mean(dim=(1, 2))
+    changed = a != b
+    assert torch.allclose(share_a[changed], torch.full_like(share_a[changed], lam))
+
+
+def test_run_name_and_tags_from_a_paper_config() -> None:
+    config = yaml.safe_load((ROOT / "configs" / "paper" / "table3a_mobilenetv2_x0.5_dcd_pw_b4.yaml").read_text())
+    name, tags = describe_run(config)
+    assert name == "mobilenetv2_x0.5_pointwise-DCDReleaseConv2d"
+    assert {"mobilenetv2_x0.5", "pointwise:DCDReleaseConv2d", "num_blocks=4", "fc_squeeze=8"} <= set(tags)
+
+
+def test_wandb_goes_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert not wandb_can_sync()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_can_sync()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not wandb_can_sync()
+
+
+def test_wandb_offline_run_gets_config_params_and_madds(tmp_path: Path, image_folder: Path) -> None:
+    """The paper configs log to W&B: offline here, named and tagged from the config, under default_root_dir."""
+    import wandb
+
+    fit("--config", str(ROOT / "configs" / "paper" / "table4_resnet10_dcd.yaml"), *tiny_imagenet_args(image_folder),
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path}")
+    run = wandb.run
+    assert run is not None and run.offline
+    try:
+        assert run.config["madds"] > 0 and run.config["params"] > 0
+        assert run.config["config"]["model"]["init_args"]["backbone"]["init_args"]["depth"] == 10
+        assert run.name == "resnet10_conv-DCDReleaseConv2d_classifier-DCDReleaseLinear"
+        assert {"conv:DCDReleaseConv2d", "layout=resnet_basic"} <= set(run.tags)
+        assert str(run.dir).startswith(str(tmp_path))  # under default_root_dir
+    finally:
+        wandb.finish()
+    assert list(tmp_path.glob("resnet10_dcd/version_0/metrics.csv"))  # the CSV logger beside it

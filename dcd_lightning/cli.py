@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench-ops": ("dcd_lightning.bench_ops", "time each operator against the static convolution"),
     "import-official": ("dcd_lightning.import_official", "convert an official DCD checkpoint to ours"),
     "make-paper-configs": ("dcd_lightning.paper_configs", "write configs/paper/ from the model registry"),
+    "sweep": ("dcd_lightning.sweep", "run a W&B sweep file's trials here, without a W&B server"),
 }
 
 USAGE = """usage: python -m dcd_lightning COMMAND [options]
@@ -36,6 +37,18 @@ Run `python -m dcd_lightning COMMAND --help` for a command's options.
 # operator options that name an ablation: they become W&B tags
 ABLATION_KEYS = ("latent_mult", "num_blocks", "channel_attention", "channel_fusion", "fusion", "num_kernels",
                  "num_experts", "layout", "reduction", "fc_squeeze")
+
+
+TRIAL_ENV, TAGS_ENV = "DCD_SWEEP_TRIAL", "DCD_SWEEP_TAGS"  # set by `python -m dcd_lightning sweep`
+
+
+def sweep_trial_folder() -> str | None:
+    """Sub-folder of default_root_dir for a sweep trial: ours, or a W&B agent's (sweep and run id)."""
+    if os.environ.get(TRIAL_ENV):
+        return os.environ[TRIAL_ENV]
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        return os.path.join(f"sweep-{os.environ['WANDB_SWEEP_ID']}", os.environ["WANDB_RUN_ID"])
+    return None
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -147,6 +160,13 @@ class DCDLightningCLI(LightningCLI):
             return
         trainer = config.get("trainer")
         root = trainer.get("default_root_dir") or "."
+        trial = sweep_trial_folder()
+        if trial:
+            # each sweep trial is its own run: its own logs and checkpoints
+            if config.get("checkpoint") is not None and config["checkpoint"].get("dirpath") == _checkpoint_dir(root):
+                config["checkpoint"]["dirpath"] = _checkpoint_dir(os.path.join(root, trial))
+            root = os.path.join(root, trial)
+            trainer["default_root_dir"] = root
         loggers = trainer.get("logger")
         if not loggers or isinstance(loggers, bool):
             return
@@ -159,10 +179,10 @@ class DCDLightningCLI(LightningCLI):
             if "save_dir" in init and init.get("save_dir") in (None, "."):
                 init["save_dir"] = root
             if str(logger.get("class_path", "")).endswith("WandbLogger"):
-                if not init.get("name"):
-                    init["name"] = name
-                if not init.get("tags"):
-                    init["tags"] = tags
+                if not init.get("name") and not os.environ.get("WANDB_SWEEP_ID"):
+                    init["name"] = name  # under a W&B agent the sweep names its runs
+                sweep_tags = [t for t in os.environ.get(TAGS_ENV, "").split(",") if t]
+                init["tags"] = sorted(set(init.get("tags") or tags) | set(sweep_tags))
 
 
 def _tool(name: str) -> Callable[[list[str]], int]:

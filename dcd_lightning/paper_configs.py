@@ -51,6 +51,7 @@ def build_config(name: str) -> dict[str, Any]:
         "trainer": {
             "max_epochs": plan["max_epochs"],
             "default_root_dir": f"runs/paper/{name}",
+            "callbacks": [{"class_path": "dcd_lightning.analysis.PhiVarianceMonitor", "init_args": {"max_batches": 50}}],
             "logger": [
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": name}},
                 {"class_path": "dcd_lightning.loggers.WandbLogger",

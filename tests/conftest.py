@@ -11,6 +11,7 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 CLASSES = ("n01440764", "n01443537", "n01484850")
 

@@ -87,3 +87,14 @@ def test_bench_ops_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]) -
     names = {r.split("|")[1].strip() for r in rows}
     assert {"dcd (kernel)", "dcd (activations)", "condconv (kernel)", "condconv (output)", "dyconv (output)"} <= names
     assert {"dcd", "dcd-release", "dcd joint"} <= names
+
+
+def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--models", "resnet10", "--train-group", "resnet10", "--rounds", "1",
+                 "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    for title in ("(a) batch-1 single-thread CPU latency", "(b) training step, resnet10", "(c) peak training memory"):
+        assert title in out
+    static_rows = [line for line in out.splitlines() if line.startswith("| resnet10_static |")]
+    assert len(static_rows) == 3 and all(line.endswith("| 1.000 |") for line in static_rows)
+    assert out.count("| resnet10_dcd |") == 3 and out.count("| resnet10_dyconv |") == 3

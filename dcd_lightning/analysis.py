@@ -1,0 +1,293 @@
+"""Analysis: how dynamic Phi(x) is per layer (Section 5.4), and runs collected into tables.
+
+- `phi_normalized_variance(model, images)`: per DCD layer, the variance of each entry phi_ij over
+  the images, averaged over the entries, divided by the variance of the layer's input feature map.
+- `PhiVarianceMonitor`: the same over the validation set, logged as `phi_var/NN_<layer>`.
+- `load_runs(folder)`: every CSV-logged run under a folder, one row each, with the config values
+  that differ between the runs (the swept values) and the best/last validation accuracy.
+- `load_history(run)`: a run's metrics per epoch. `load_wandb_runs(path)`: the same table from W&B.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from .ops import DCDConv2d, DCDDepthwiseConv2d
+
+
+def dcd_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every DCD layer with dynamic channel fusion, in forward order of definition."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (DCDConv2d, DCDDepthwiseConv2d)) and module.channel_fusion
+    ]
+
+
+class _PhiStatistics:
+    """Running sums of Phi's entries over images and of the layer input's values."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+        self.layers = layers
+        self.sums: dict[str, list[Tensor | float]] = {}
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        for name, module in self.layers:
+            self.handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            self.handles.append(module.branch.register_forward_hook(self._phi_hook(name)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _entry(self, name: str, width: int, device: torch.device) -> list[Any]:
+        if name not in self.sums:
+            zeros = torch.zeros(width, dtype=torch.float64, device=device)
+            self.sums[name] = [0.0, zeros.clone(), zeros.clone(), 0.0, 0.0, 0.0]
+        return self.sums[name]
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().double()
+            self._pending_input = (name, x.numel(), x.sum().item(), x.square().sum().item())
+
+        return hook
+
+    def _phi_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: tuple[Tensor | None, Tensor | None]) -> None:
+            phi = output[1].detach().double()
+            entry = self._entry(name, phi.shape[1], phi.device)
+            entry[0] += phi.shape[0]
+            entry[1] += phi.sum(dim=0)
+            entry[2] += phi.square().sum(dim=0)
+            pending = getattr(self, "_pending_input", None)
+            if pending and pending[0] == name:
+                entry[3] += pending[1]
+                entry[4] += pending[2]
+                entry[5] += pending[3]
+
+        return hook
+
+    def as_tensor(self, name: str) -> Tensor:
+        """All sums of one layer in one float64 tensor (for reduction across ranks)."""
+        n, s1, s2, count, x1, x2 = self.sums[name]
+        scalars = torch.tensor([n, count, x1, x2], dtype=torch.float64, device=s1.device)
+        return torch.cat([scalars, s1, s2])
+
+    @staticmethod
+    def normalized_variance(packed: Tensor) -> float:
+        """sigma_Phi / Var(input) from packed sums."""
+        n, count, x1, x2 = packed[:4].tolist()
+        width = (packed.numel() - 4) // 2
+        s1, s2 = packed[4 : 4 + width], packed[4 + width :]
+        phi_var = (s2 / n - (s1 / n).square()).clamp_min(0).mean().item()
+        input_var = max(x2 / count - (x1 / count) ** 2, 1e-30)
+        return phi_var / input_var
+
+
+@torch.no_grad()
+def phi_normalized_variance(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]]) -> dict[str, float]:
+    """Normalized variance of Phi per DCD layer over the images of `batches` (model in eval mode)."""
+    stats = _PhiStatistics(dcd_layers(model))
+    was_training = model.training
+    model.eval()
+    stats.attach()
+    try:
+        for batch in batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(images)
+    finally:
+        stats.detach()
+        model.train(was_training)
+    return {name: stats.normalized_variance(stats.as_tensor(name)) for name, _ in stats.layers if name in stats.sums}
+
+
+class PhiVarianceMonitor(Callback):
+    """Log the normalized variance of Phi of every DCD layer over the validation set, each epoch,
+    as `phi_var/NN_<layer name>` (NN: the layer's index, so columns sort by depth)."""
+
+    def __init__(self, max_batches: int | None = None) -> None:
+        super().__init__()
+        self.max_batches = max_batches
+        self._stats: _PhiStatistics | None = None
+        self._batches = 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start collecting (not during the sanity check)."""
+        if trainer.sanity_checking:
+            return
+        self._stats = _PhiStatistics(dcd_layers(pl_module))
+        self._stats.attach()
+        self._batches = 0
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Stop collecting after max_batches."""
+        self._batches += 1
+        if self._stats is not None and self.max_batches and self._batches >= self.max_batches:
+            self._stats.detach()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reduce the sums over ranks and log one value per layer."""
+        if self._stats is None:
+            return
+        self._stats.detach()
+        for index, (name, _) in enumerate(self._stats.layers):
+            if name not in self._stats.sums:
+                continue
+            packed = trainer.strategy.reduce(self._stats.as_tensor(name), reduce_op="sum")
+            value = self._stats.normalized_variance(packed)
+            pl_module.log(f"phi_var/{index:02d}_{name.replace('.', '_')}", value, sync_dist=False, rank_zero_only=True)
+        self._stats = None
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+IGNORED_KEYS = ("default_root_dir", "save_dir", "dirpath", "root", "version", "ckpt_path", "num_workers")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(node, list):
+        out = {}
+        for index, value in enumerate(node):
+            out.update(_flatten(value, f"{prefix}{index}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_history(run: str | Path) -> Any:
+    """A run's metrics per epoch (pandas DataFrame indexed by epoch): train/val error and the rest."""
+    import pandas as pd
+
+    run = Path(run)
+    metrics = run / "metrics.csv" if run.is_dir() else run
+    frame = pd.DataFrame(_read_metrics(metrics)).apply(pd.to_numeric, errors="coerce")
+    per_epoch = frame.groupby("epoch").last()
+    if "val/acc1" in per_epoch:
+        per_epoch["val/error"] = 1 - per_epoch["val/acc1"]
+    if "train/acc1_epoch" in per_epoch:
+        per_epoch["train/error"] = 1 - per_epoch["train/acc1_epoch"]
+    return per_epoch
+
+
+def load_runs(folder: str | Path, keys: list[str] | None = None) -> Any:
+    """One row per CSV-logged run under `folder`: its name, swept config values, and accuracies.
+
+    The swept values are the config entries that differ between the runs (or `keys`, dotted
+    config paths); columns take the last part of each path (e.g. `latent_mult`).
+    """
+    import pandas as pd
+
+    rows, configs = [], []
+    for config_path in sorted(Path(folder).rglob("config*.yaml")):
+        metrics_path = config_path.parent / "metrics.csv"
+        if not metrics_path.exists():
+            continue
+        config = _flatten(yaml.safe_load(config_path.read_text()) or {})
+        history = load_history(metrics_path)
+        val = history["val/acc1"].dropna() if "val/acc1" in history else pd.Series(dtype=float)
+        rows.append({
+            "run": str(config_path.parent),
+            "name": config_path.parent.parent.name,
+            "val/acc1_best": float(val.max()) if len(val) else float("nan"),
+            "val/acc1_last": float(val.iloc[-1]) if len(val) else float("nan"),
+            "val/acc5_best": float(history["val/acc5"].max()) if "val/acc5" in history else float("nan"),
+            "epochs": int(history.index.max()) + 1 if len(history) else 0,
+        })
+        configs.append(config)
+    if keys is None:
+        every = set().union(*configs) if configs else set()
+        keys = sorted(
+            k for k in every
+            if not any(part in k.split(".") for part in IGNORED_KEYS)
+            and len({repr(c.get(k)) for c in configs}) > 1
+        )
+    for row, config in zip(rows, configs):
+        for key in keys:
+            row[_short(key, keys)] = config.get(key)
+    return pd.DataFrame(rows)
+
+
+def _short(key: str, keys: list[str]) -> str:
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def load_wandb_runs(path: str, api: Any = None) -> Any:
+    """The same table from W&B: `path` is entity/project/sweep_id (a sweep) or entity/project."""
+    import pandas as pd
+
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    parts = path.strip("/").split("/")
+    runs = api.sweep(path).runs if len(parts) == 3 else api.runs(path)
+    rows = []
+    for run in runs:
+        config = _flatten({k: v for k, v in dict(run.config).items() if not k.startswith("_")})
+        summary = dict(run.summary)
+        row = {"run": run.id, "name": run.name, "val/acc1_best": summary.get("val/acc1_best", summary.get("val/acc1")),
+               "val/acc1_last": summary.get("val/acc1"), "tags": list(run.tags)}
+        row.update({k: v for k, v in config.items() if k.startswith(("model.", "data.", "trainer.max_epochs"))})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper_comparison(runs: Any, table: str) -> Any:
+    """Runs beside the paper's row of `table` that each one reproduces (top-1 in percent)."""
+    import pandas as pd
+
+    from .models.registry import _REGISTRY
+    from .paper import paper_tables
+
+    rows = paper_tables()[table]
+    out = []
+    for _, run in runs.iterrows():
+        index = _paper_index(run, table, rows, _REGISTRY)
+        paper = rows[index] if index is not None else {}
+        swept = {k: run[k] for k in runs.columns if k not in ("run", "val/acc1_best", "val/acc1_last", "val/acc5_best", "epochs")}
+        out.append({**swept, "top1 (ours)": 100 * run["val/acc1_best"], "top1 (paper)": paper.get("top1"),
+                    "params M (paper)": paper.get("params"), "MAdds M (paper)": paper.get("madds"),
+                    "paper row": index, "run": run["run"]})
+    return pd.DataFrame(out).sort_values("paper row", na_position="last").reset_index(drop=True)
+
+
+def _paper_index(run: Any, table: str, rows: list[dict], registry: dict) -> int | None:
+    name = str(run.get("name", ""))
+    static = name.endswith("_static")
+    if table.startswith("table2"):
+        mult = None if static else float(run.get("latent_mult", 1.0) if run.get("latent_mult") is not None else 1.0)
+        return next((i for i, r in enumerate(rows) if r["latent_mult"] == mult), None)
+    if table.startswith("table3a"):
+        if static:
+            return 0
+        blocks = int(run.get("num_blocks", 1) or 1)
+        attention = str(run.get("channel_attention", True)).lower() != "false"
+        model = "Lambda W0 + P Phi Q^T" if attention else "W0 + P Phi Q^T"
+        return next((i for i, r in enumerate(rows) if r["blocks"] == blocks and r["model"] == model), None)
+    spec = registry.get(name)
+    if spec is None:
+        return None
+    return next((index for key, index in spec.paper if key == table), None)

@@ -1,0 +1,163 @@
+"""`python -m dcd_lightning bench`: whole-model cost of the dynamic models against their static ones.
+
+    python -m dcd_lightning bench [--part latency,train,memory] [--rounds 10] [--batch-size 32]
+
+(a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
+    its static model round by round; medians and ratios.
+(b) train: one training step (forward, backward, SGD step) at a realistic batch, ratio to static.
+(c) memory: peak memory of a training step, ratio to static. On the CPU each model runs in a child
+    process, and the figure is its peak resident memory above what it held before building the
+    model (so the interpreter and libraries are not counted); on a GPU, torch.cuda's peak.
+Ratios are the numbers to read; absolute times on a shared machine are not stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from .bench_ops import machine
+from .models import create_model
+
+GROUPS = {
+    "mobilenetv2_x1.0": ["dcd", "dyconv", "condconv"],
+    "mobilenetv2_x0.5": ["dcd", "dyconv", "condconv"],
+    "mobilenetv2_x0.35": ["dcd", "dyconv"],
+    "resnet18": ["dcd", "dyconv"],
+    "resnet10": ["dcd", "dyconv"],
+    "resnet50": ["dcd"],
+}
+TRAIN_GROUP = "mobilenetv2_x0.5"
+
+
+def _median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(rounds + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]]:
+    """Batch-1 single-thread eval latency, each dynamic model against its static one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        x = torch.randn(1, 3, 224, 224)
+        for prefix, kinds in groups.items():
+            models = {kind: create_model(f"{prefix}_{kind}").eval() for kind in ["static", *kinds]}
+
+            def runner(model: torch.nn.Module) -> Callable[[], object]:
+                def run() -> object:
+                    with torch.inference_mode():
+                        return model(x)
+                return run
+
+            medians = _median_times({kind: runner(m) for kind, m in models.items()}, rounds)
+            for kind, value in medians.items():
+                rows.append({"model": f"{prefix}_{kind}", "ms": value * 1e3, "ratio": value / medians["static"]})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _train_step_fn(name: str, batch_size: int, device: str) -> Callable[[], object]:
+    model = create_model(name).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return step
+
+
+def train(prefix: str, kinds: list[str], batch_size: int, rounds: int, device: str) -> list[dict[str, object]]:
+    """Training step time of each model, against the static one, interleaved."""
+    names = [f"{prefix}_{kind}" for kind in ["static", *kinds]]
+    medians = _median_times({n: _train_step_fn(n, batch_size, device) for n in names}, rounds)
+    return [{"model": n, "ms": medians[n] * 1e3, "ratio": medians[n] / medians[names[0]]} for n in names]
+
+
+_CHILD = """
+import json, resource, sys, torch
+from dcd_lightning.bench_models import _train_step_fn
+name, batch, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step = _train_step_fn(name, batch, device)
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+step(); step()
+if device == "cuda":
+    peak = torch.cuda.max_memory_allocated()
+else:
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"peak_bytes": peak}))
+"""
+
+
+def memory(prefix: str, kinds: list[str], batch_size: int, device: str) -> list[dict[str, object]]:
+    """Peak training memory of each model (a child process each), against the static one."""
+    rows = []
+    for kind in ["static", *kinds]:
+        name = f"{prefix}_{kind}"
+        out = subprocess.run([sys.executable, "-c", _CHILD, name, str(batch_size), device],
+                             capture_output=True, text=True, check=True).stdout
+        rows.append({"model": name, "peak_mib": json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20})
+    for row in rows:
+        row["ratio"] = row["peak_mib"] / rows[0]["peak_mib"]
+    return rows
+
+
+def _table(title: str, rows: list[dict[str, object]], value: str, unit: str) -> None:
+    print(f"### {title}\n\n| model | {unit} | / static |\n|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['model']} | {row[value]:.1f} | {row['ratio']:.3f} |")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts and print markdown tables."""
+    parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", default="latency,train,memory", help="comma-separated: latency, train, memory")
+    parser.add_argument("--models", default=",".join(GROUPS), help=f"groups for latency (default: all of {list(GROUPS)})")
+    parser.add_argument("--train-group", default=TRAIN_GROUP, help="group for train and memory (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    parts = set(args.part.split(","))
+    unknown = parts - {"latency", "train", "memory"} or set(args.models.split(",")) - set(GROUPS)
+    if unknown or args.train_group not in GROUPS:
+        parser.error(f"unknown part or model group: {sorted(unknown) or args.train_group}")
+    print(f"machine: {machine()}; device {args.device}\n")
+    if "latency" in parts:
+        groups = {g: GROUPS[g] for g in args.models.split(",")}
+        _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, args.rounds), "ms", "ms")
+    kinds = GROUPS[args.train_group]
+    if "train" in parts:
+        _table(f"(b) training step, {args.train_group}, batch {args.batch_size}, 224x224",
+               train(args.train_group, kinds, args.batch_size, args.rounds, args.device), "ms", "ms")
+    if "memory" in parts:
+        _table(f"(c) peak training memory, {args.train_group}, batch {args.batch_size}",
+               memory(args.train_group, kinds, args.batch_size, args.device), "peak_mib", "MiB")
+    return 0

@@ -1,0 +1,197 @@
+"""Sweep files, the local sweep runner, Phi's variance, run loading, and the notebooks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_imagenet_args
+from dcd_lightning import create_model
+from dcd_lightning.analysis import load_history, load_runs, load_wandb_runs, paper_comparison, phi_normalized_variance
+from dcd_lightning.cli import main
+from dcd_lightning.ops import DCDConv2d
+from dcd_lightning.sweep import agent_command, expand, load_sweep, trials
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+EXPECTED_TRIALS = {"table1_formulation": 4, "table1_formulation_resnet18": 4, "table2_latent_mult": 4,
+                   "table3a_blocks": 8, "table3b_placement": 8, "table4_operators": 19, "recipe_random": 10}
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+
+
+def test_there_is_a_sweep_per_table() -> None:
+    assert {p.stem for p in SWEEPS} == set(EXPECTED_TRIALS)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_file_parses_and_expands(path: Path) -> None:
+    spec = load_sweep(path)
+    planned = trials(spec)
+    assert len(planned) == EXPECTED_TRIALS[path.stem]
+    assert spec["metric"] == {"name": "val/acc1", "goal": "maximize"}
+    for trial in planned:
+        assert trial.command[:5] == ["/usr/bin/env", "python", "-m", "dcd_lightning", "fit"]
+        config = trial.command[trial.command.index("--config") + 1]
+        assert (ROOT / config).is_file()
+        for arg in trial.command[7:]:
+            key, value = arg[2:].split("=", 1)
+            assert value == str(trial.values[key])  # the agent writes str(value)
+            if key == "config":
+                assert (ROOT / value).is_file()
+    result = subprocess.run([sys.executable, "-m", "dcd_lightning", "sweep", str(path), "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{EXPECTED_TRIALS[path.stem]} trial(s)" in result.stdout
+    assert result.stdout.count("[trial ") == EXPECTED_TRIALS[path.stem]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_first_trial_runs_through_the_agent_command(path: Path, image_folder: Path, tmp_path: Path) -> None:
+    trial = trials(load_sweep(path), count=1)[0]
+    extra = [*tiny_imagenet_args(image_folder), "--data.init_args.train_crop=32", "--data.init_args.eval_resize=36",
+             "--data.init_args.eval_crop=32", "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"]
+    assert trial.command[:4] == ["/usr/bin/env", "python", "-m", "dcd_lightning"]
+    if path.stem == "table2_latent_mult":  # one of them as a separate process, exactly as the agent starts it
+        command = [sys.executable if c == "python" else c for c in trial.command] + extra
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                                env=dict(os.environ, WANDB_MODE="offline"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:  # the others in this process: the same arguments, without the interpreter start-up
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            assert main(trial.command[4:] + extra) == 0
+        finally:
+            os.chdir(cwd)
+
+
+def test_sweep_values_that_str_cannot_round_trip_are_rejected(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"model.init_args.lr": {"values": [0.1, None]}}}))
+    with pytest.raises(ValueError, match=r"value None.*use the string 'null'"):
+        load_sweep(bad)
+    bad.write_text(yaml.safe_dump({"method": "hyperband", "parameters": {"a": {"value": 1}}}))
+    with pytest.raises(ValueError, match="method='hyperband' is not allowed"):
+        load_sweep(bad)
+    with pytest.raises(ValueError, match="bayes"):
+        expand({"method": "bayes", "parameters": {"a": {"values": [1, 2]}}})
+
+
+def test_random_search_is_seeded_and_in_range() -> None:
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "recipe_random.yaml")
+    first, again = expand(spec, count=6, seed=3), expand(spec, count=6, seed=3)
+    assert first == again and len(first) == 6
+    assert all(0.01 <= t["model.init_args.lr"] <= 0.2 for t in first)
+    assert agent_command({"program": "train.py"}, {"a.b": 1}) == ["/usr/bin/env", "python", "train.py", "--a.b=1"]
+
+
+def test_local_sweep_runs_each_trial_as_its_own_run(tmp_path: Path) -> None:
+    sweep = tmp_path / "lr.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "lr", "method": "grid",
+        "command": ["${env}", "python", "-m", "dcd_lightning", "fit", "--config", QUICKSTART, "${args}"],
+        "parameters": {"model.init_args.lr": {"values": [0.01, 0.02]}},
+    }))
+    assert main(["sweep", str(sweep), "--extra", *FAST, "--data.init_args.image_size=8",
+                 "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'runs'}"]) == 0
+    runs = load_runs(tmp_path / "runs")
+    assert sorted(runs["lr"]) == [0.01, 0.02]
+    assert {Path(r).relative_to(tmp_path / "runs").parts[:2] for r in runs["run"]} == {("lr", "trial-000"),
+                                                                                         ("lr", "trial-001")}
+    for trial in ("trial-000", "trial-001"):
+        assert (tmp_path / "runs" / "lr" / trial / "checkpoints" / "last.ckpt").is_file()
+
+
+# -- Phi's normalized variance -------------------------------------------------------------------
+
+
+def test_phi_variance_equals_its_definition() -> None:
+    torch.manual_seed(0)
+    op = DCDConv2d(16, 24, 1, reduction=2)
+    images = [torch.randn(5, 16, 6, 6) * 2 + 1, torch.randn(3, 16, 6, 6)]
+    result = phi_normalized_variance(torch.nn.Sequential(op), images)
+    with torch.no_grad():
+        phis = torch.cat([op.coefficients(x)[1].flatten(1) for x in images]).double()
+    everything = torch.cat([x.flatten() for x in images]).double()
+    expected = phis.var(dim=0, unbiased=False).mean() / everything.var(unbiased=False)
+    assert result == {"0": pytest.approx(expected.item(), rel=1e-9)}
+    same = phi_normalized_variance(torch.nn.Sequential(op), [images[0][:1].repeat(4, 1, 1, 1)])
+    assert same["0"] == pytest.approx(0.0, abs=1e-12)  # one image repeated: nothing varies
+
+
+def test_phi_variance_covers_every_dcd_layer_of_a_model() -> None:
+    model = create_model("mobilenetv2_x0.5_dcd_dw_pw", num_classes=10)
+    result = phi_normalized_variance(model, [torch.randn(2, 3, 32, 32)])
+    assert len(result) == 17 + 32  # 17 depthwise DCD layers, 2 pointwise in each of 16 blocks
+    assert all(v >= 0 for v in result.values())
+
+
+# -- runs, notebooks ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A DCD and a DY-Conv run on digits (with Phi's variance logged), and a two-trial latent sweep."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--config", QUICKSTART, "--data.init_args.image_size=8", "--trainer.max_epochs=2",
+              "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+              "--trainer.log_every_n_steps=1"]
+    assert main(["fit", *common, f"--trainer.default_root_dir={root / 'dcd'}",
+                 "--trainer.callbacks+=dcd_lightning.analysis.PhiVarianceMonitor"]) == 0
+    assert main(["fit", *common, f"--trainer.default_root_dir={root / 'dyconv'}",
+                 "--model.init_args.backbone.init_args.conv.class_path=dcd_lightning.ops.DyConv2d"]) == 0
+    sweep = ROOT / "configs" / "sweeps" / "table2_latent_mult.yaml"
+    image_root = root / "images"
+    from conftest import write_image_folder
+
+    write_image_folder(image_root)
+    assert main(["sweep", str(sweep), "--count", "2", "--extra", *tiny_imagenet_args(image_root), *FAST,
+                 f"--trainer.default_root_dir={root / 'sweep'}"]) == 0
+    (dcd_run,) = (root / "dcd").glob("*/version_0")
+    (dyconv_run,) = (root / "dyconv").glob("*/version_0")
+    return {"dcd": dcd_run, "dyconv": dyconv_run, "sweep": root / "sweep"}
+
+
+def test_history_and_runs_tables(small_runs: dict[str, Path]) -> None:
+    history = load_history(small_runs["dcd"])
+    assert list(history.index) == [0, 1]
+    assert {"train/error", "val/error"} <= set(history.columns)
+    assert sum(c.startswith("phi_var/") for c in history.columns) == 9  # 8 DCD convolutions + the classifier
+    dy = load_history(small_runs["dyconv"])
+    assert dy["train/temperature"].dropna().iloc[-1] < 30
+    runs = load_runs(small_runs["sweep"])
+    assert sorted(runs["latent_mult"]) == [0.25, 0.5]
+    table = paper_comparison(runs, "table2_mobilenetv2_x0.5_latent_multiplier")
+    assert list(table["paper row"]) == [1, 2] and list(table["top1 (paper)"]) == [68.7, 69.0]
+
+
+def test_wandb_loader_builds_the_same_table_from_the_api() -> None:
+    fake_run = SimpleNamespace(id="abc", name="trial", tags=["latent_mult=0.5"], summary={"val/acc1": 0.7},
+                               config={"model": {"init_args": {"lr": 0.05}}, "_wandb": {}})
+    api = SimpleNamespace(sweep=lambda path: SimpleNamespace(runs=[fake_run]), runs=lambda path: [fake_run])
+    table = load_wandb_runs("me/dcd/sweep123", api=api)
+    assert table.loc[0, "model.init_args.lr"] == 0.05 and table.loc[0, "val/acc1_last"] == 0.7
+
+
+@pytest.mark.parametrize("notebook", ["convergence", "phi_variance", "ablation_tables"])
+def test_notebook_executes_on_small_runs(notebook: str, small_runs: dict[str, Path], tmp_path: Path) -> None:
+    import papermill
+
+    parameters = {
+        "convergence": {"dcd_run": str(small_runs["dcd"]), "dyconv_run": str(small_runs["dyconv"])},
+        "phi_variance": {"runs": {"ResNet-10 DCD": str(small_runs["dcd"])}},
+        "ablation_tables": {"sweep_dir": str(small_runs["sweep"]), "table": "table2_mobilenetv2_x0.5_latent_multiplier"},
+    }[notebook]
+    figure = tmp_path / f"{notebook}.png"
+    papermill.execute_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={**parameters, "output": str(figure)}, kernel_name="python3",
+                               cwd=str(ROOT), progress_bar=False)
+    assert figure.stat().st_size > 10_000  # a real plot was drawn

@@ -5,9 +5,10 @@
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round; medians and ratios.
 (b) train: one training step (forward, backward, SGD step) at a realistic batch, ratio to static.
-(c) memory: peak memory of a training step, ratio to static. On the CPU each model runs in a child
-    process, and the figure is its peak resident memory above what it held before building the
-    model (so the interpreter and libraries are not counted); on a GPU, torch.cuda's peak.
+(c) memory: peak memory of two training steps, ratio to static. On the CPU each model runs in a
+    child process and the figure is its peak resident memory (Linux VmHWM, reset before the model
+    is built) above what it held then: weights, gradients, optimizer state and activations, not the
+    interpreter and libraries; on a GPU, torch.cuda's peak allocation.
 Ratios are the numbers to read; absolute times on a shared machine are not stable.
 """
 
@@ -98,20 +99,31 @@ def train(prefix: str, kinds: list[str], batch_size: int, rounds: int, device: s
 
 
 _CHILD = """
-import json, resource, sys, torch
-from dcd_lightning.bench_models import _train_step_fn
+import json, sys, torch
+from dcd_lightning.bench_models import _train_step_fn, _rss_kib
 name, batch, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = _rss_kib("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak (VmHWM) to the current resident size
+except OSError:
+    pass
 step = _train_step_fn(name, batch, device)
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
 step(); step()
-if device == "cuda":
-    peak = torch.cuda.max_memory_allocated()
-else:
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+peak = torch.cuda.max_memory_allocated() if device == "cuda" else (_rss_kib("VmHWM") - base) * 1024
 print(json.dumps({"peak_bytes": peak}))
 """
+
+
+def _rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"bench: /proc/self/status has no {field}; memory is measured on Linux only")
 
 
 def memory(prefix: str, kinds: list[str], batch_size: int, device: str) -> list[dict[str, object]]:

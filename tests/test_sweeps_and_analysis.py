@@ -24,7 +24,7 @@ SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 EXPECTED_TRIALS = {"table1_formulation": 4, "table1_formulation_resnet18": 4, "table2_latent_mult": 4,
                    "table3a_blocks": 8, "table3b_placement": 8, "table4_operators": 19, "recipe_random": 10}
-FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=2"]
 
 
 def test_there_is_a_sweep_per_table() -> None:

@@ -84,10 +84,10 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
 
 RESUME_ARGS = [
     "--config", QUICKSTART, *QUIET,
-    "--data.init_args.augment=false", "--data.init_args.image_size=8", "--data.init_args.batch_size=32",
+    "--data.init_args.augment=false", "--data.init_args.image_size=8", "--data.init_args.batch_size=16",
     "--model.init_args.backbone.init_args.conv.class_path=dcd_lightning.ops.DyConv2d",
     "--model.init_args.backbone.init_args.conv.init_args.num_kernels=2",
-    "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+    "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
     "--temperature.epochs=2",
 ]
 
@@ -156,7 +156,7 @@ def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
 
 def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:
     args = ["--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+            "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=2",
             "--trainer.logger.init_args.version=shared", f"--trainer.default_root_dir={tmp_path}"]
     fit(*args, "--model.init_args.lr=0.01")
     time.sleep(1.1)
@@ -261,7 +261,7 @@ def test_wandb_offline_run_gets_config_params_and_madds(tmp_path: Path, image_fo
     import wandb
 
     fit("--config", str(ROOT / "configs" / "paper" / "table4_resnet10_dcd.yaml"), *tiny_imagenet_args(image_folder),
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=2",
         f"--trainer.default_root_dir={tmp_path}")
     run = wandb.run
     assert run is not None and run.offline

@@ -342,3 +342,19 @@ def test_hard_sigmoid_gate_range() -> None:
     lam, _ = op.coefficients(torch.ones(1, CIN, 2, 2))
     assert torch.allclose(lam, torch.full_like(lam, 2.0))
     assert math.isclose(float((F.relu6(torch.tensor(0.0) + 3) / 3)), 1.0)
+
+
+@pytest.mark.parametrize(
+    "name,training",
+    [(name, training) for name in ("dcd_1x1_kernel", "dcd_1x1_blocks_2_kernel", "dcd_1x1_bias_hard_sigmoid_se")
+     for training in (True, False)]
+    + [("release_mobilenetv2_expand_kernel", False)],  # in training its latent batch norm needs the activations
+)
+def test_single_sample_kernel_route_equals_reference(name: str, training: bool) -> None:
+    """With one sample the 1x1 kernel route runs an ordinary convolution: held to the reference too."""
+    for stride in (1, 2):
+        module = randomise(CONV_VARIANTS[name](stride))
+        module.route = "kernel"
+        x = torch.randn(1, CIN, 7, 7, generator=torch.Generator().manual_seed(5))
+        module.train(training)
+        assert_close_relative(module(x), module.reference_forward(x))

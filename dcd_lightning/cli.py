@@ -16,6 +16,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "profile": ("dcd_lightning.profile_cmd", "parameters and MAdds of a config's model, beside the paper's"),
     "bench": ("dcd_lightning.bench_models", "latency, training step and memory of each model vs static"),
     "bench-ops": ("dcd_lightning.bench_ops", "time each operator against the static convolution"),
+    "bench-gpu": ("dcd_lightning.bench_gpu", "training throughput on a GPU (bf16, channels_last, compile)"),
     "import-official": ("dcd_lightning.import_official", "convert an official DCD checkpoint to ours"),
     "make-paper-configs": ("dcd_lightning.paper_configs", "write configs/paper/ from the model registry"),
     "sweep": ("dcd_lightning.sweep", "run a W&B sweep file's trials here, without a W&B server"),

@@ -98,3 +98,13 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
     static_rows = [line for line in out.splitlines() if line.startswith("| resnet10_static |")]
     assert len(static_rows) == 3 and all(line.endswith("| 1.000 |") for line in static_rows)
     assert out.count("| resnet10_dcd |") == 3 and out.count("| resnet10_dyconv |") == 3
+
+
+def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gpu.md"
+    assert main(["bench-gpu", "--models", "mobilenetv2_x1.0_static,mobilenetv2_x1.0_dcd,resnet50_condconv",
+                 "--batch-size", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--no-compile",
+                 "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| mobilenetv2_x1.0_static | " in table and "| 1.00 |" in table
+    assert "failed" not in table and table.count("\n| ") == 4  # header and three models

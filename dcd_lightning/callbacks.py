@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from .classifier import stepping
 from .ops import DyConv2d
 
 
@@ -34,13 +35,17 @@ class TemperatureSchedule(Callback):
             return self.end
         return self.start + (self.end - self.start) * step / total
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the DY-Conv layers and the steps per epoch once per fit."""
+        self._layers = [m for m in pl_module.modules() if isinstance(m, DyConv2d)]
+        self._steps_per_epoch = stepping(trainer)[1] if self._layers else 1
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         """Set the temperature for this step and log it."""
-        layers = [m for m in pl_module.modules() if isinstance(m, DyConv2d)]
+        layers = getattr(self, "_layers", [])
         if not layers:
             return
-        steps_per_epoch = max(1, int(trainer.estimated_stepping_batches) // max(1, trainer.max_epochs or 1))
-        value = self.temperature(trainer.global_step, steps_per_epoch)
+        value = self.temperature(trainer.global_step, self._steps_per_epoch)
         for layer in layers:
             layer.set_temperature(value)
         pl_module.log("train/temperature", value, on_step=True, on_epoch=False)

@@ -38,6 +38,13 @@ def mix_batch(
     return mixed, targets, targets[order], lam
 
 
+def stepping(trainer: L.Trainer) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) of a fit; with max_epochs=-1 the total is unbounded."""
+    estimated = trainer.estimated_stepping_batches
+    total = max(1, int(estimated)) if math.isfinite(estimated) else 10**12
+    return total, max(1, total // max(1, trainer.max_epochs or 1))
+
+
 class ImageClassifier(L.LightningModule):
     """Backbone + cross-entropy (label smoothing, mixup, cutmix) + SGD with a per-step LR schedule.
 
@@ -164,8 +171,6 @@ class ImageClassifier(L.LightningModule):
         optimizer = torch.optim.SGD(
             self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
         )
-        estimated = self.trainer.estimated_stepping_batches
-        total = max(1, int(estimated)) if math.isfinite(estimated) else 10**12  # max_epochs=-1: no decay
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, per_epoch = stepping(self.trainer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total, per_epoch))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -11,6 +11,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callbacks import RunCheckpoint, RunLocations, TemperatureSchedule
+from .sweep import TAGS_ENV, TRIAL_ENV
 
 TOOLS: dict[str, tuple[str, str]] = {
     "profile": ("dcd_lightning.profile_cmd", "parameters and MAdds of a config's model, beside the paper's"),
@@ -39,9 +40,6 @@ Run `python -m dcd_lightning COMMAND --help` for a command's options.
 # operator options that name an ablation: they become W&B tags
 ABLATION_KEYS = ("latent_mult", "num_blocks", "channel_attention", "channel_fusion", "fusion", "num_kernels",
                  "num_experts", "layout", "reduction", "fc_squeeze")
-
-
-TRIAL_ENV, TAGS_ENV = "DCD_SWEEP_TRIAL", "DCD_SWEEP_TAGS"  # set by `python -m dcd_lightning sweep`
 
 
 def sweep_trial_folder() -> str | None:

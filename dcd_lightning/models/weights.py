@@ -74,8 +74,9 @@ def _map_dynamic(prefix: str, rest: str) -> str:
     return f"{prefix}.{rest}"
 
 
-def official_key(key: str, dynamic_keys: set[str] | None = None) -> str:
-    """Our state-dict key for a key of the official release's MobileNetV2 / ResNet."""
+def official_key(key: str, head: str = "classifier.1") -> str:
+    """Our state-dict key for a key of the official release's MobileNetV2 / ResNet; `head` is our
+    classifier's name ("classifier.1" in MobileNetV2, "fc" in ResNet)."""
     key = key.removeprefix("module.")
     match = re.match(r"features\.(\d+)\.conv\.(\d+)\.(.+)$", key)
     if match:  # inverted residual blocks
@@ -94,7 +95,6 @@ def official_key(key: str, dynamic_keys: set[str] | None = None) -> str:
         return f"features.18.{match[1]}.{match[2]}"
     match = re.match(r"classifier\.\d\.(.+)$", key)
     if match:
-        head = "classifier.1" if dynamic_keys is None or any(k.startswith("classifier.1.") for k in dynamic_keys) else "fc"
         return _map_dynamic(head, match[1])
     match = re.match(r"(layer\d\.\d+\.conv\d)\.(.+)$", key)
     if match:  # ResNet block convolutions (all DCD in the release)
@@ -126,10 +126,11 @@ def convert_official_state_dict(state_dict: dict[str, Tensor]) -> tuple[str, nn.
     for name in _candidates(set(state_dict)):
         model = create_model(name, num_classes=_num_classes(state_dict))
         own = model.state_dict()
+        head = "fc" if "fc.weight" in own else "classifier.1"
         mapped: dict[str, Tensor] = {}
         problems: list[str] = []
         for key, value in state_dict.items():
-            ours = official_key(key, set(own))
+            ours = official_key(key, head)
             if ours not in own:
                 problems.append(f"{key} (-> {ours}): not in {name}")
                 continue

@@ -125,6 +125,16 @@ def check_conv_args(op: str, in_channels: int, out_channels: int, kernel_size: i
     check_groups(op, in_channels, out_channels, groups)
 
 
+def output_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """Output height and width of a "same"-padded odd kernel (or a 1x1) at `stride`."""
+    return (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
+def linear_madds(module: torch.nn.Module) -> int:
+    """MAdds per sample of every nn.Linear inside `module` (a dynamic branch or routing head)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
 def pool_input(x: Tensor, pool_size: int) -> Tensor:
     """Average-pool `x` (N, C, H, W) to pool_size x pool_size and flatten to (N, C * pool_size^2)."""
     if pool_size == 1:

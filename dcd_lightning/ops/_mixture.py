@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import check_choice, check_conv_args, check_input, check_int, init_fan_out, per_sample_conv
+from ._common import check_choice, check_conv_args, check_input, check_int, init_fan_out, linear_madds, output_size, per_sample_conv
 
 
 class MixtureConv2d(nn.Module):
@@ -70,12 +70,12 @@ class MixtureConv2d(nn.Module):
 
     def madds(self, height: int, width: int) -> int:
         """MAdds per sample for an input of height x width, at the cheaper of the two mixings."""
-        h_out, w_out = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        h_out, w_out = output_size(height, width, self.stride)
         kernel = self.weight[0].numel()
         static = kernel * h_out * w_out
         by_kernel = static + self.num_kernels * kernel
         by_output = self.num_kernels * (static + self.out_channels * h_out * w_out)
-        branch = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        branch = linear_madds(self)
         return min(by_kernel, by_output) + branch
 
     def forward(self, x: Tensor) -> Tensor:

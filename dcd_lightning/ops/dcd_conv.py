@@ -23,6 +23,8 @@ from ._common import (
     check_positive,
     init_fan_out,
     latent_dim_rule,
+    linear_madds,
+    output_size,
     per_sample_conv,
     pool_input,
     scale_latent,
@@ -247,8 +249,7 @@ class DCDConv2d(nn.Module):
         name = type(self).__name__
         check_input(name, x, 4, self.in_channels)
         if self.latent_norm_in is not None and self.training:
-            h_out = (x.shape[2] - 1) // self.stride + 1
-            w_out = (x.shape[3] - 1) // self.stride + 1
+            h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if x.shape[0] * h_out * w_out < 2:
                 raise ValueError(
                     f"{name}: batch norm in the latent space (latent_norm=True) needs more than one "
@@ -294,7 +295,7 @@ class DCDConv2d(nn.Module):
 
     def branch_madds(self) -> int:
         """MAdds per sample of the dynamic branch's fully connected layers."""
-        return sum(m.in_features * m.out_features for m in self.branch.modules() if isinstance(m, nn.Linear))
+        return linear_madds(self.branch)
 
     def madds(self, height: int, width: int) -> int:
         """MAdds per sample for an input of height x width, each dynamic part at its cheaper route.
@@ -302,7 +303,7 @@ class DCDConv2d(nn.Module):
         Static kernel + dynamic branch + the residual either formed per sample or applied to the
         activations (whichever costs less); Lambda alone costs min(scaling W0, scaling the output).
         """
-        h_out, w_out = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        h_out, w_out = output_size(height, width, self.stride)
         kernel_area = self.kernel_size**2
         static = self.out_channels * self.in_channels * kernel_area * h_out * w_out
         if self.channel_fusion:
@@ -321,8 +322,7 @@ class DCDConv2d(nn.Module):
         self._check(x)
         lam, phi = self.coefficients(x)
         n = x.shape[0]
-        h_out = (x.shape[2] - 1) // self.stride + 1
-        w_out = (x.shape[3] - 1) // self.stride + 1
+        h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
         use_kernel = phi is not None and self.prefers_kernel_route(h_out, w_out)
         if use_kernel and self.latent_norm_in is not None and self.training:
             use_kernel = False  # batch statistics are only available on the activations

@@ -17,6 +17,8 @@ from ._common import (
     check_odd_kernel,
     check_positive,
     init_fan_out,
+    linear_madds,
+    output_size,
     per_sample_conv,
     pool_input,
     scale_latent,
@@ -155,9 +157,9 @@ class DCDDepthwiseConv2d(nn.Module):
 
     def madds(self, height: int, width: int) -> int:
         """MAdds per sample for an input of height x width, the dynamic part at its cheaper route."""
-        h_out, w_out = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        h_out, w_out = output_size(height, width, self.stride)
         pixels, area, kl, c = h_out * w_out, self.kernel_size**2, self.kernel_latent_dim, self.in_channels
-        branch = sum(m.in_features * m.out_features for m in self.branch.modules() if isinstance(m, nn.Linear))
+        branch = linear_madds(self.branch)
         if self.channel_fusion:
             by_kernel = c * (kl * kl + kl * area + area)
             by_activations = c * kl * area * pixels + c * kl * kl + c * kl * pixels

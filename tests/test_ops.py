@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcd_lightning import optimize_for_inference
 from dcd_lightning.ops import (
     CondConv2d,
     CondLinear,
@@ -139,6 +140,79 @@ def test_conv_fast_equals_reference(name: str, stride: int, training: bool) -> N
     for size in (7, 8):
         x = torch.randn(3, CIN, size, size, generator=torch.Generator().manual_seed(size))
         compare(module, x, training)
+
+
+FOLDABLE = sorted(n for n in CONV_VARIANTS if n.startswith(("dcd_1x1", "dcd_3x3", "dcd_5x5", "release")))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", FOLDABLE)
+def test_folded_inference_equals_reference(name: str, stride: int, batch: int) -> None:
+    """optimize_for_inference's folds (latent norms, gates, heads) leave every output unchanged."""
+    module = optimize_for_inference(randomise(CONV_VARIANTS[name](stride)))
+    folded = module.fold_for_inference()
+    assert folded == ("joint" not in name)
+    for size in (7, 8):
+        x = torch.randn(batch, CIN, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            assert_close_relative(module(x), module.reference_forward(x))
+        if folded:
+            assert module._folded is not None and module._folded.is_current()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in LINEAR_VARIANTS if "dcd" in n or "release" in n))
+def test_folded_linear_equals_reference(name: str) -> None:
+    module = optimize_for_inference(randomise(LINEAR_VARIANTS[name]()))
+    for batch in (1, 4):
+        x = torch.randn(batch, CIN, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert_close_relative(module(x), module.reference_forward(x))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layout", ["mobilenetv2", "resnet_basic"])
+def test_kernel_route_updates_latent_running_statistics(layout: str, momentum: float | None) -> None:
+    """In training the kernel route derives the latent norms' batch statistics from moments; the
+    running statistics it leaves equal those nn.BatchNorm1d leaves on the activation route."""
+    kernel_size = 1 if layout == "mobilenetv2" else 3
+    routes = {}
+    for route in ("kernel", "activations"):
+        torch.manual_seed(0)
+        module = randomise(DCDReleaseConv2d(CIN, COUT, kernel_size, layout=layout, route=route)).train()
+        for norm in (module.latent_norm_in, module.latent_norm_out):
+            norm.momentum = momentum
+        for step in range(3):
+            module(torch.randn(4, CIN, 6, 6, generator=torch.Generator().manual_seed(step)) + step)
+        routes[route] = module
+    for name in ("latent_norm_in", "latent_norm_out"):
+        a, b = getattr(routes["kernel"], name), getattr(routes["activations"], name)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 3
+        assert_close_relative(a.running_mean, b.running_mean, 1e-9)
+        assert_close_relative(a.running_var, b.running_var, 1e-9)
+
+
+def test_fold_is_dropped_when_stale() -> None:
+    """In-place weight changes, .train(), moving the layer and gradients each stop the fold's use."""
+    module = optimize_for_inference(randomise(DCDReleaseConv2d(CIN, COUT, 1)))
+    x = torch.randn(2, CIN, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.expand.mul_(3.0)  # an in-place change after folding
+        assert_close_relative(module(x), module.reference_forward(x))
+        assert not module._folded.is_current()
+    module.fold_for_inference()
+    with torch.no_grad():
+        module.load_state_dict(randomise(DCDReleaseConv2d(CIN, COUT, 1), seed=5).state_dict())
+        assert_close_relative(module(x), module.reference_forward(x))
+    module.fold_for_inference()
+    out = module(x.clone().requires_grad_(True))  # gradients on: the unfolded path, parameters get grads
+    out.sum().backward()
+    assert module.expand.grad is not None
+    module.float()
+    assert module._folded is None
+    module.double().fold_for_inference()
+    module.train()
+    assert module._folded is None
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -32,13 +32,16 @@ class DynamicBranch(nn.Module):
         self.attention = nn.Linear(hidden, attention_size, bias=False) if attention_size else None
         self.fusion = nn.Linear(hidden, fusion_size, bias=False) if fusion_size else None
 
-    def forward(self, pooled: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Return (Lambda as (N, C_out) or None, flat Phi as (N, fusion_size) or None)."""
+    def hidden(self, pooled: Tensor) -> Tensor:
+        """The branch's hidden features (N, hidden): FC, then ReLU or the squeeze-and-excitation gate."""
         hidden = self.fc(pooled)
         if self.se is None:
-            hidden = torch.relu(hidden)
-        else:
-            hidden = hidden * gate(self.se(hidden), "hard_sigmoid")
+            return torch.relu(hidden)
+        return hidden * gate(self.se(hidden), "hard_sigmoid")
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Return (Lambda as (N, C_out) or None, flat Phi as (N, fusion_size) or None)."""
+        hidden = self.hidden(pooled)
         lam = gate(self.attention(hidden), self.gate_kind) if self.attention is not None else None
         phi = self.fusion(hidden) if self.fusion is not None else None
         return lam, phi

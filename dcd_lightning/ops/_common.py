@@ -116,6 +116,38 @@ def batch_norm_affine(
     return scale, shift
 
 
+def running_affine(norm: torch.nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) of a batch norm with its running statistics (eval mode)."""
+    return _affine(norm, norm.running_mean, norm.running_var)
+
+
+def affine_from_statistics(
+    norm: torch.nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int
+) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of a training-mode batch norm from its batch's mean and biased variance.
+
+    Updates the running statistics as nn.BatchNorm does (momentum, or a cumulative average when
+    momentum is None; the running variance takes the unbiased estimate).
+    """
+    if norm.training and norm.track_running_stats and norm.running_mean is not None:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            norm.running_mean.lerp_(mean.detach(), factor)
+            norm.running_var.lerp_(var.detach() * count / max(count - 1, 1), factor)
+    return _affine(norm, mean, var)
+
+
+def _affine(norm: torch.nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
 def check_conv_args(op: str, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int) -> None:
     """Check the five leading arguments of the operator contract."""
     check_int(op, "in_channels", in_channels)

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._branch import DynamicBranch
+from ._folded import FoldedDCD, place_blocks
 from ._common import (
     Gate,
     LatentRule,
     Route,
+    affine_from_statistics,
     batch_norm_affine,
     check_choice,
     check_conv_args,
@@ -26,6 +28,7 @@ from ._common import (
     linear_madds,
     output_size,
     per_sample_conv,
+    running_affine,
     pool_input,
     scale_latent,
 )
@@ -187,6 +190,7 @@ class DCDConv2d(nn.Module):
         else:
             self.latent_norm_in = None
             self.latent_norm_out = None
+        self._folded: FoldedDCD | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -317,15 +321,38 @@ class DCDConv2d(nn.Module):
             dynamic = min(self.out_channels * self.in_channels * kernel_area, self.out_channels * h_out * w_out)
         return static + self.branch_madds() + dynamic
 
+    # -- inference form ------------------------------------------------------------------------
+
+    def fold_for_inference(self) -> bool:
+        """Fold the eval-mode constants (latent norms, gate range, both heads in one linear layer).
+
+        The fold is used by forward() in eval mode with gradients off (torch.no_grad or
+        torch.inference_mode) and gives the same outputs as the unfolded layer; changing a parameter
+        or buffer in place, moving the layer, or calling .train() makes forward() stop using it.
+        Returns False where there is nothing to fold (joint fusion).
+        """
+        self._folded = FoldedDCD(self) if self.fusion == "channel" else None
+        return self._folded is not None
+
+    def train(self, mode: bool = True) -> DCDConv2d:
+        if mode:
+            self._folded = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self._folded = None
+        return super()._apply(fn, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
         self._check(x)
+        folded = self._folded
+        if folded is not None and not self.training and not torch.is_grad_enabled() and folded.is_current():
+            return folded.forward(x)
         lam, phi = self.coefficients(x)
         n = x.shape[0]
         h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
         use_kernel = phi is not None and self.prefers_kernel_route(h_out, w_out)
-        if use_kernel and self.latent_norm_in is not None and self.training:
-            use_kernel = False  # batch statistics are only available on the activations
         if use_kernel and self.kernel_size == 1:
             return self._forward_merged_1x1(x, lam, phi)
         out = F.conv2d(x, self.static_kernel(), self.bias, self.stride, self.padding)
@@ -368,11 +395,14 @@ class DCDConv2d(nn.Module):
         fused = torch.bmm(mix, u.reshape(n, latent * kl, h * w))
         return F.conv2d(fused.view(n, latent, h, w), self.expand.view(self.out_channels, latent, 1, 1))
 
-    def _latent_kernels(self, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _latent_kernels(self, x: Tensor, phi: Tensor, reference: bool = False) -> tuple[Tensor, Tensor | None]:
         """Per-sample residual 1x1 kernels (N, C_out, C_in) and their bias (N, C_out) or None.
 
         With batch norms in the latent space the residual is P (A2 Phi + I)(A1 Q^T x + c1) + P c2,
         an affine map per sample: kernel P (A2 Phi + I) A1 Q^T and bias P ((A2 Phi + I) c1 + c2).
+        A norm in training mode takes (A, c) from the batch's statistics: the reference reads them
+        off the latent activations it computes; the fast path derives them from each sample's
+        latent mean and covariance (see _latent_statistics) and updates the running statistics.
         """
         n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
         rows, cols = self.out_channels // blocks, self.in_channels // blocks
@@ -380,29 +410,73 @@ class DCDConv2d(nn.Module):
         q = self.compress.view(blocks, latent, cols)
         effective, latent_bias = phi, None
         if self.latent_norm_in is not None:
-            z = F.conv2d(x, self.compress.view(blocks * latent, cols, 1, 1), stride=self.stride, groups=blocks)
-            z = z.flatten(2)
-            scale1, shift1 = batch_norm_affine(z, self.latent_norm_in, (0, 2))
-            z1 = z * scale1[:, None] + shift1[:, None]
-            fused = torch.matmul(phi, z1.view(n, blocks, latent, -1)).view(n, blocks * latent, -1)
-            scale2, shift2 = batch_norm_affine(fused, self.latent_norm_out, (0, 2))
-            scale1, shift1 = scale1.view(blocks, latent), shift1.view(blocks, latent)
-            scale2, shift2 = scale2.view(blocks, latent), shift2.view(blocks, latent)
+            if reference:
+                scale1, shift1, scale2, shift2 = self._latent_affines_reference(x, phi)
+            else:
+                scale1, shift1, scale2, shift2 = self._latent_affines(x, phi)
             eye = torch.eye(latent, dtype=x.dtype, device=x.device)
             mixer = scale2[None, :, :, None] * phi + eye  # (A2 Phi + I)
             effective = mixer * scale1[None, :, None, :]
             latent_bias = torch.einsum("nbij,bj->nbi", mixer, shift1) + shift2
         blocks_kernel = torch.matmul(torch.matmul(p, effective), q)  # (N, B, C_out/B, C_in/B)
-        if blocks == 1:
-            kernel = blocks_kernel.reshape(n, self.out_channels, self.in_channels)
-        else:  # place the blocks on the diagonal
-            kernel = x.new_zeros(n, blocks, rows, blocks, cols)
-            kernel.diagonal(dim1=1, dim2=3).copy_(blocks_kernel.permute(0, 2, 3, 1))
-            kernel = kernel.view(n, self.out_channels, self.in_channels)
+        kernel = place_blocks(blocks_kernel, self.out_channels, self.in_channels)
         bias = None
         if latent_bias is not None:
             bias = torch.einsum("bol,nbl->nbo", p, latent_bias).reshape(n, self.out_channels)
         return kernel, bias
+
+    def _latent_affines_reference(self, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A1, c1, A2, c2) as (B, L) each, read off the latent activations the residual produces."""
+        n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
+        z = F.conv2d(x, self.compress.view(blocks * latent, -1, 1, 1), stride=self.stride, groups=blocks)
+        z = z.flatten(2)
+        scale1, shift1 = batch_norm_affine(z, self.latent_norm_in, (0, 2))
+        z1 = z * scale1[:, None] + shift1[:, None]
+        fused = torch.matmul(phi, z1.view(n, blocks, latent, -1)).view(n, blocks * latent, -1)
+        scale2, shift2 = batch_norm_affine(fused, self.latent_norm_out, (0, 2))
+        return tuple(t.view(blocks, latent) for t in (scale1, shift1, scale2, shift2))
+
+    def _latent_affines(self, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A1, c1, A2, c2) as (B, L) each without forming Phi's output on the feature map.
+
+        A norm in eval mode uses its running statistics. In training mode the first norm's
+        statistics come from z = Q^T x, and the second's from the per-sample moments of
+        z1 = A1 z + c1: with m_n = mean(z1_n) and C_n = cov(z1_n) over positions, Phi_n z1_n has
+        mean Phi_n m_n and covariance Phi_n C_n Phi_n^T, so (law of total variance) the batch
+        variance of channel i is mean_n (Phi_n C_n Phi_n^T)_ii + var_n (Phi_n m_n)_i. Running
+        statistics are updated as nn.BatchNorm1d updates them.
+        """
+        blocks, latent = self.num_blocks, self.latent_dim
+        norm1, norm2 = self.latent_norm_in, self.latent_norm_out
+        batch1 = norm1.training or norm1.running_mean is None
+        batch2 = norm2.training or norm2.running_mean is None
+        if not (batch1 or batch2):
+            return tuple(t.view(blocks, latent) for t in (*running_affine(norm1), *running_affine(norm2)))
+        z = F.conv2d(x, self.compress.view(blocks * latent, -1, 1, 1), stride=self.stride, groups=blocks)
+        n, count = z.shape[0], z.shape[2] * z.shape[3]
+        z = z.reshape(n, blocks * latent, count)
+        mean_n = z.mean(dim=2)  # (N, BL)
+        centred = z - mean_n[:, :, None]
+        if batch1:
+            within = centred.square().mean(dim=2)
+            var1 = within.mean(dim=0) + mean_n.var(dim=0, unbiased=False)
+            scale1, shift1 = affine_from_statistics(norm1, mean_n.mean(dim=0), var1, n * count)
+        else:
+            scale1, shift1 = running_affine(norm1)
+        if batch2:
+            # moments of z1 = A1 z + c1 per sample and block, then of Phi z1
+            mean1 = (mean_n * scale1 + shift1).view(n, blocks, latent, 1)
+            c = centred.view(n, blocks, latent, count) * scale1.view(1, blocks, latent, 1)
+            covariance = torch.matmul(c, c.transpose(2, 3)) / count  # (N, B, L, L)
+            fused_mean = torch.matmul(phi, mean1).squeeze(3)  # (N, B, L)
+            fused_within = (torch.matmul(phi, covariance) * phi).sum(dim=3)
+            var2 = fused_within.mean(dim=0) + fused_mean.var(dim=0, unbiased=False)
+            scale2, shift2 = affine_from_statistics(
+                norm2, fused_mean.mean(dim=0).reshape(-1), var2.reshape(-1), n * count
+            )
+        else:
+            scale2, shift2 = running_affine(norm2)
+        return tuple(t.view(blocks, latent) for t in (scale1, shift1, scale2, shift2))
 
     def _residual_by_kernel(self, x: Tensor, phi: Tensor) -> Tensor:
         """The 1x1 residual as a per-sample kernel applied by batched matmul (k > 1 route)."""
@@ -457,7 +531,7 @@ class DCDConv2d(nn.Module):
                 "ob,nabt,ai,et->noie", self.expand, phi, self.compress, self.kernel_basis
             )
             return kernel + residual.reshape(n, self.out_channels, self.in_channels, k, k), bias
-        residual, latent_bias = self._latent_kernels(x, phi)
+        residual, latent_bias = self._latent_kernels(x, phi, reference=True)
         centre = torch.zeros(k, k, dtype=x.dtype, device=x.device)
         centre[k // 2, k // 2] = 1
         kernel = kernel + residual[:, :, :, None, None] * centre

@@ -1,0 +1,191 @@
+"""Inference form of DCDConv2d: every constant of an eval-mode layer folded once.
+
+In eval mode the latent batch norms are fixed affine maps and the gates' factor 2 is a constant,
+so a DCD layer computes, per sample,
+
+    W(x) = g Lambda'(x) W0 + P Phi'(x) (A1 Q^T),     b(x) = g Lambda'(x) b0 + P Phi'(x) c1 + P c2
+
+with Lambda' = sigmoid or hard sigmoid of the attention head (g = 2 is the gate's range),
+Phi' = A2 Phi + I (the release's identity path around Phi, with the second norm's scale A2 folded
+into the fusion head's rows) and (A1, c1), (A2, c2) the norms' scales and shifts. One linear layer
+then gives both heads' outputs; the residual needs no batch-norm calls. `FoldedDCD` holds these
+tensors; DCDConv2d.fold_for_inference() builds it and forward() uses it while the layer is in eval
+mode with gradients off, for as long as no parameter or buffer of the layer has changed in place;
+moving the layer (.to, .cuda, .double) or switching it to training mode drops the fold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import pool_input, running_affine
+
+
+def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
+    """(N, B, C_out/B, C_in/B) diagonal blocks -> (N, C_out, C_in) block-diagonal kernels."""
+    n, blocks, rows, cols = blocks_kernel.shape
+    if blocks == 1:
+        return blocks_kernel.reshape(n, out_channels, in_channels)
+    kernel = blocks_kernel.new_zeros(n, blocks, rows, blocks, cols)
+    kernel.diagonal(dim1=1, dim2=3).copy_(blocks_kernel.permute(0, 2, 3, 1))
+    return kernel.view(n, out_channels, in_channels)
+
+
+def layer_tensors(layer: nn.Module) -> list[Tensor]:
+    """Every parameter and buffer a fold depends on (their versions tell when it is stale)."""
+    return [*layer.parameters(), *(b for b in layer.buffers() if b.dtype.is_floating_point)]
+
+
+def tensors_version(tensors: list[Tensor]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
+
+
+class FoldedDCD:
+    """Folded constants of one eval-mode DCDConv2d (channel fusion or Lambda alone) and its forward."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        with torch.no_grad():
+            self._build(layer)
+        self.sources = layer_tensors(layer)
+        self.version = tensors_version(self.sources)
+
+    def is_current(self) -> bool:
+        """True while no parameter or buffer the fold was built from has been changed in place."""
+        return tensors_version(self.sources) == self.version
+
+    def _build(self, layer: nn.Module) -> None:
+        branch = layer.branch
+        self.out_channels, self.in_channels = layer.out_channels, layer.in_channels
+        self.stride, self.padding, self.kernel_size = layer.stride, layer.padding, layer.kernel_size
+        self.blocks, self.latent = layer.num_blocks, layer.latent_dim
+        self.attention = branch.attention is not None
+        self.gate = torch.sigmoid if branch.gate_kind == "sigmoid" else F.hardsigmoid
+        gain = 2.0 if self.attention else 1.0  # both gates are 2 x (hard) sigmoid
+        self.weight = layer.static_kernel() * gain
+        self.bias = None if layer.bias is None else layer.bias * gain
+        heads, head_bias = [], []
+        if self.attention:
+            heads.append(branch.attention.weight)
+            head_bias.append(branch.attention.weight.new_zeros(self.out_channels))
+        self.fusion = branch.fusion is not None
+        self.latent_bias = self.expand_bias = None
+        if self.fusion:
+            blocks, latent = self.blocks, self.latent
+            rows, cols = self.out_channels // blocks, self.in_channels // blocks
+            fusion_weight = branch.fusion.weight
+            compress = layer.compress.view(blocks, latent, cols)
+            eye = torch.eye(latent, dtype=fusion_weight.dtype, device=fusion_weight.device)
+            if layer.latent_norm_in is not None:
+                scale1, shift1 = (t.view(blocks, latent) for t in running_affine(layer.latent_norm_in))
+                scale2, shift2 = (t.view(blocks, latent) for t in running_affine(layer.latent_norm_out))
+                row_scale = scale2[:, :, None].expand(blocks, latent, latent).reshape(-1, 1)
+                fusion_weight = fusion_weight * row_scale  # A2 Phi
+                phi_bias = eye.expand(blocks, latent, latent).reshape(-1)  # + I
+                compress = compress * scale1[:, :, None]  # A1 Q^T
+                self.latent_bias = shift1  # c1
+                expand = layer.expand.view(blocks, rows, latent)
+                self.expand_bias = torch.matmul(expand, shift2[:, :, None]).reshape(-1)  # P c2
+            else:
+                phi_bias = fusion_weight.new_zeros(fusion_weight.shape[0])
+            heads.append(fusion_weight)
+            head_bias.append(phi_bias)
+            self.expand = layer.expand.view(blocks, rows, latent).clone()
+            self.compress = compress.contiguous()
+        # the squeeze-and-excitation gate is 2 x hard sigmoid; its 2 goes into the heads (linear in h)
+        self.fc_weight = branch.fc.weight.clone()
+        self.se_weight = None if branch.se is None else branch.se.weight.clone()
+        se_gain = 1.0 if branch.se is None else 2.0
+        self.head_weight = (torch.cat(heads) * se_gain).contiguous()
+        self.head_bias = torch.cat(head_bias)
+        self.pool_size = layer.pool_size
+        self.route = layer.prefers_kernel_route
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def coefficients(self, x: Tensor) -> Tensor:
+        """Both heads' outputs (N, C_out + B L^2): attention logits, then Phi' = A2 Phi + I."""
+        hidden = F.linear(pool_input(x, self.pool_size), self.fc_weight)
+        if self.se_weight is None:
+            hidden = torch.relu(hidden)
+        else:
+            hidden = hidden * F.hardsigmoid(F.linear(hidden, self.se_weight))
+        return F.linear(hidden, self.head_weight, self.head_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        coefficients = self.coefficients(x)
+        c_out = self.out_channels
+        lam = self.gate(coefficients[:, :c_out]) if self.attention else None
+        if not self.fusion:
+            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+            return out * lam.view(n, c_out, 1, 1)
+        phi = coefficients[:, c_out if self.attention else 0 :].view(n, self.blocks, self.latent, self.latent)
+        h_out, w_out = (x.shape[2] - 1) // self.stride + 1, (x.shape[3] - 1) // self.stride + 1
+        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and lam is not None:
+            return self._one_sample_1x1(x, lam[0], phi[0, 0])
+        if self.route(h_out, w_out):
+            return self._by_kernel(x, lam, phi)
+        return self._by_activations(x, lam, phi)
+
+    def _one_sample_1x1(self, x: Tensor, lam: Tensor, phi: Tensor) -> Tensor:
+        """The common case at batch 1 in a few matrix products: W = lam W0' + (P Phi') Q1, one conv."""
+        c_out, c_in = self.out_channels, self.in_channels
+        mixed = torch.mm(self.expand[0], phi)
+        kernel = torch.addmm(self.weight.view(c_out, c_in) * lam[:, None], mixed, self.compress[0])
+        bias = None if self.bias is None else lam * self.bias
+        if self.latent_bias is not None:
+            latent = torch.addmv(self.expand_bias, mixed, self.latent_bias[0])
+            bias = latent if bias is None else bias + latent
+        return F.conv2d(x, kernel.view(c_out, c_in, 1, 1), bias, self.stride)
+
+    def _static_bias(self, lam: Tensor | None, n: int) -> Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias.expand(n, -1) if lam is None else lam * self.bias
+
+    def _by_kernel(self, x: Tensor, lam: Tensor | None, phi: Tensor) -> Tensor:
+        n, c_out, c_in = x.shape[0], self.out_channels, self.in_channels
+        mixed = torch.matmul(self.expand, phi)  # P Phi': (N, B, C_out/B, L)
+        residual = place_blocks(torch.matmul(mixed, self.compress), c_out, c_in)
+        bias = self._static_bias(lam, n)
+        if self.latent_bias is not None:
+            latent_bias = torch.matmul(mixed, self.latent_bias[:, :, None]).view(n, c_out) + self.expand_bias
+            bias = latent_bias if bias is None else bias + latent_bias
+        k = self.kernel_size
+        if n == 1:  # one sample: a plain convolution with its kernel
+            if k == 1:
+                static = self.weight.view(c_out, c_in)
+                kernel = torch.addcmul(residual[0], static, lam.view(c_out, 1)) if lam is not None else residual[0] + static
+                kernel = kernel.view(c_out, c_in, 1, 1)
+            else:
+                kernel = self.weight * lam.view(c_out, 1, 1, 1) if lam is not None else self.weight.clone()
+                kernel[:, :, k // 2, k // 2] += residual[0]
+            return F.conv2d(x, kernel, None if bias is None else bias[0], self.stride, self.padding)
+        xs = x[:, :, :: self.stride, :: self.stride]
+        h, w = xs.shape[-2:]
+        flat = xs.reshape(n, c_in, h * w)
+        if k == 1:
+            static = self.weight.view(1, c_out, c_in)
+            kernel = residual + (static * lam[:, :, None] if lam is not None else static)
+            out = torch.bmm(kernel, flat) if bias is None else torch.baddbmm(bias[:, :, None], kernel, flat)
+            return out.view(n, c_out, h, w)
+        out = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        res = torch.bmm(residual, flat) if bias is None else torch.baddbmm(bias[:, :, None], residual, flat)
+        res = res.view(n, c_out, h, w)
+        return res + out if lam is None else torch.addcmul(res, out, lam.view(n, c_out, 1, 1))
+
+    def _by_activations(self, x: Tensor, lam: Tensor | None, phi: Tensor) -> Tensor:
+        n, blocks, latent = x.shape[0], self.blocks, self.latent
+        q = self.compress.view(blocks * latent, -1, 1, 1)
+        c1 = None if self.latent_bias is None else self.latent_bias.reshape(-1)
+        z = F.conv2d(x, q, c1, self.stride, groups=blocks)
+        h, w = z.shape[-2:]
+        fused = torch.matmul(phi, z.view(n, blocks, latent, h * w)).view(n, blocks * latent, h, w)
+        p = self.expand.view(self.out_channels, latent, 1, 1)
+        residual = F.conv2d(fused, p, self.expand_bias, groups=blocks)
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if lam is None:
+            return out + residual
+        return torch.addcmul(residual, out, lam.view(n, -1, 1, 1))

@@ -40,9 +40,7 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
                bf16: bool) -> float:
     """Images per second of the training step (forward, backward, SGD) of one model."""
     model = build(name).to(device).train()
-    for param in model.parameters():  # channels_last where a tensor has the 4 dimensions it needs
-        if param.dim() == 4:
-            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)

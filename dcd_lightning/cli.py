@@ -18,6 +18,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench": ("dcd_lightning.bench_models", "latency, training step and memory of each model vs static"),
     "bench-ops": ("dcd_lightning.bench_ops", "time each operator against the static convolution"),
     "bench-gpu": ("dcd_lightning.bench_gpu", "training throughput on a GPU (bf16, channels_last, compile)"),
+    "export-onnx": ("dcd_lightning.export", "a model as ONNX with a dynamic batch axis, checked by onnxruntime"),
     "import-official": ("dcd_lightning.import_official", "convert an official DCD checkpoint to ours"),
     "make-paper-configs": ("dcd_lightning.paper_configs", "write configs/paper/ from the model registry"),
     "sweep": ("dcd_lightning.sweep", "run a W&B sweep file's trials here, without a W&B server"),

@@ -284,7 +284,7 @@ def test_dyconv_with_one_hot_attention_is_that_kernels_static_conv() -> None:
     for chosen in range(op.num_kernels):
         one_hot = F.one_hot(torch.full((3,), chosen), op.num_kernels).to(x.dtype)
         op.attention = lambda _x, one_hot=one_hot: one_hot  # type: ignore[method-assign]
-        expected = F.conv2d(x, op.weight[chosen], op.bias[chosen], 2, 1)
+        expected = F.conv2d(x, op.experts()[chosen], op.bias[chosen], 2, 1)
         for mixing in ("kernel", "output"):
             op.mixing = mixing
             assert_close_relative(op(x), expected)

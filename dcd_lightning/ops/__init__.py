@@ -5,6 +5,7 @@ each dynamic one has a fast `forward` and a slow `reference_forward` that form e
 kernel explicitly; tests hold the two equal.
 """
 
+from ._common import latent_dim_rule
 from .condconv import CondConv2d, CondLinear
 from .dcd_conv import DCDConv2d
 from .dcd_depthwise import DCDDepthwiseConv2d
@@ -12,7 +13,6 @@ from .dcd_linear import DCDLinear
 from .dcd_release import DCDReleaseConv2d, DCDReleaseLinear, release_sizes
 from .dyconv import DyConv2d, DyLinear
 from .static import StaticConv2d, StaticLinear
-from ._common import latent_dim_rule
 
 __all__ = [
     "CondConv2d",

@@ -133,8 +133,9 @@ def affine_from_statistics(
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
             factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            norm.running_mean.lerp_(mean.detach(), factor)
-            norm.running_var.lerp_(var.detach() * count / max(count - 1, 1), factor)
+            stored = norm.running_mean.dtype  # float32 statistics under bf16 autocast
+            norm.running_mean.lerp_(mean.detach().to(stored), factor)
+            norm.running_var.lerp_((var.detach() * count / max(count - 1, 1)).to(stored), factor)
     return _affine(norm, mean, var)
 
 
@@ -167,11 +168,44 @@ def linear_madds(module: torch.nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+def exporting() -> bool:
+    """True while the model is traced for ONNX or torch.export: routes whose convolution groups
+    depend on the batch size (one group per sample) give way to batch-independent ones there."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def pool_input(x: Tensor, pool_size: int) -> Tensor:
     """Average-pool `x` (N, C, H, W) to pool_size x pool_size and flatten to (N, C * pool_size^2)."""
     if pool_size == 1:
         return x.mean(dim=(2, 3))
-    return F.adaptive_avg_pool2d(x, pool_size).flatten(1)
+    n, c, h, w = x.shape
+    if h % pool_size == 0 and w % pool_size == 0:  # equal cells: a reshaped mean (4x faster on CPU)
+        return x.view(n, c, pool_size, h // pool_size, pool_size, w // pool_size).mean(dim=(3, 5)).flatten(1)
+    # unequal (overlapping) cells as adaptive_avg_pool2d draws them, by two averaging matrices:
+    # exact, exportable to ONNX (whose adaptive pooling needs equal cells) and cheap at these sizes
+    rows = _averaging_matrix(h, pool_size, x.dtype, x.device)
+    cols = _averaging_matrix(w, pool_size, x.dtype, x.device)
+    return torch.matmul(torch.matmul(rows, x), cols.t()).flatten(1)
+
+
+_AVERAGING: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _averaging_matrix(size: int, cells: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(cells, size) matrix whose row i averages adaptive pooling's cell i: [floor(i s / p), ceil((i + 1) s / p)).
+
+    Built from Python numbers, so a traced graph holds it as a constant (sizes are static there).
+    """
+    size = int(size)
+    key = (size, cells, dtype, device)
+    if key not in _AVERAGING:
+        rows = []
+        for i in range(cells):
+            start, end = (i * size) // cells, -((-(i + 1) * size) // cells)
+            rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+        with torch.inference_mode(False):  # a normal tensor, usable by autograd after inference
+            _AVERAGING[key] = torch.tensor(rows, dtype=dtype, device=device)
+    return _AVERAGING[key]
 
 
 def per_sample_conv(

@@ -28,9 +28,11 @@ def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> 
     n, blocks, rows, cols = blocks_kernel.shape
     if blocks == 1:
         return blocks_kernel.reshape(n, out_channels, in_channels)
-    kernel = blocks_kernel.new_zeros(n, blocks, rows, blocks, cols)
-    kernel.diagonal(dim1=1, dim2=3).copy_(blocks_kernel.permute(0, 2, 3, 1))
-    return kernel.view(n, out_channels, in_channels)
+    # block b of the output rows meets block b of the input columns only: a product with the
+    # identity places them (no in-place writes, which traced and exported graphs mishandle)
+    eye = torch.eye(blocks, dtype=blocks_kernel.dtype, device=blocks_kernel.device)
+    kernel = blocks_kernel[:, :, :, None, :] * eye[None, :, None, :, None]
+    return kernel.reshape(n, out_channels, in_channels)
 
 
 def layer_tensors(layer: nn.Module) -> list[Tensor]:
@@ -123,11 +125,11 @@ class FoldedDCD:
             return out * lam.view(n, c_out, 1, 1)
         phi = coefficients[:, c_out if self.attention else 0 :].view(n, self.blocks, self.latent, self.latent)
         h_out, w_out = (x.shape[2] - 1) // self.stride + 1, (x.shape[3] - 1) // self.stride + 1
+        if not self.route(h_out, w_out):
+            return self._by_activations(x, lam, phi)
         if n == 1 and self.kernel_size == 1 and self.blocks == 1 and lam is not None:
             return self._one_sample_1x1(x, lam[0], phi[0, 0])
-        if self.route(h_out, w_out):
-            return self._by_kernel(x, lam, phi)
-        return self._by_activations(x, lam, phi)
+        return self._by_kernel(x, lam, phi)
 
     def _one_sample_1x1(self, x: Tensor, lam: Tensor, phi: Tensor) -> Tensor:
         """The common case at batch 1 in a few matrix products: W = lam W0' + (P Phi') Q1, one conv."""

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import check_choice, check_conv_args, check_input, check_int, init_fan_out, linear_madds, output_size, per_sample_conv
+from ._common import (
+    check_choice,
+    check_conv_args,
+    check_input,
+    check_int,
+    exporting,
+    init_fan_out,
+    linear_madds,
+    output_size,
+    per_sample_conv,
+)
 
 
 class MixtureConv2d(nn.Module):
@@ -45,7 +54,9 @@ class MixtureConv2d(nn.Module):
         self.groups = groups
         self.num_kernels = num_kernels
         self.mixing = mixing
-        shape = (num_kernels, out_channels, in_channels // groups, kernel_size, kernel_size)
+        # The K kernels stacked along dim 0, (K * C_out, C_in / groups, k, k): a 4-d bank converts
+        # with model.to(memory_format=torch.channels_last); experts() gives the (K, C_out, ...) view.
+        shape = (num_kernels * out_channels, in_channels // groups, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels)) if bias else None
         self.reset_parameters()
@@ -53,7 +64,7 @@ class MixtureConv2d(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise each of the K kernels as torchvision initialises a convolution (Kaiming, fan-out)."""
         for index in range(self.num_kernels):
-            init_fan_out(self.weight.data[index])
+            init_fan_out(self.experts().data[index])
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -64,6 +75,10 @@ class MixtureConv2d(nn.Module):
             f"stride={self.stride}, groups={self.groups}, K={self.num_kernels}"
         )
 
+    def experts(self) -> Tensor:
+        """The K kernels as (K, C_out, C_in / groups, k, k) (a view of the stacked weight)."""
+        return self.weight.view(self.num_kernels, self.out_channels, *self.weight.shape[1:])
+
     def mixture_weights(self, x: Tensor) -> Tensor:
         """Per-sample weights of the K kernels, shape (N, K)."""
         raise NotImplementedError
@@ -71,7 +86,7 @@ class MixtureConv2d(nn.Module):
     def madds(self, height: int, width: int) -> int:
         """MAdds per sample for an input of height x width, at the cheaper of the two mixings."""
         h_out, w_out = output_size(height, width, self.stride)
-        kernel = self.weight[0].numel()
+        kernel = self.weight.numel() // self.num_kernels
         static = kernel * h_out * w_out
         by_kernel = static + self.num_kernels * kernel
         by_output = self.num_kernels * (static + self.out_channels * h_out * w_out)
@@ -82,13 +97,13 @@ class MixtureConv2d(nn.Module):
         """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
         check_input(type(self).__name__, x, 4, self.in_channels)
         weights = self.mixture_weights(x)
-        if self.mixing == "output":
+        if self.mixing == "output" or exporting():  # no batch-dependent groups in an exported graph
             return self._forward_output_mixing(x, weights)
         return self._forward_kernel_mixing(x, weights)
 
     def _forward_kernel_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        kernels = (weights @ self.weight.view(self.num_kernels, -1)).view(
+        kernels = (weights @ self.weight.reshape(self.num_kernels, -1)).view(
             n * self.out_channels, self.in_channels // self.groups, self.kernel_size, self.kernel_size
         )
         bias = None if self.bias is None else (weights @ self.bias).view(-1)
@@ -106,9 +121,9 @@ class MixtureConv2d(nn.Module):
         n, groups, k = x.shape[0], self.groups, self.num_kernels
         per_group = self.out_channels // groups
         # Order the stacked kernels (group, kernel, channel) so each group reads its own inputs.
-        stacked = self.weight.view(k, groups, per_group, *self.weight.shape[2:]).transpose(0, 1)
+        stacked = self.weight.view(k, groups, per_group, *self.weight.shape[1:]).transpose(0, 1)
         out = F.conv2d(
-            x, stacked.reshape(groups * k * per_group, *self.weight.shape[2:]), None,
+            x, stacked.reshape(groups * k * per_group, *self.weight.shape[1:]), None,
             self.stride, self.padding, groups=groups,
         )
         h, w = out.shape[-2:]
@@ -121,7 +136,7 @@ class MixtureConv2d(nn.Module):
     def sample_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Each sample's kernel sum_k a_k(x) W_k, (N, C_out, C_in/groups, k, k), and bias or None."""
         weights = self.mixture_weights(x)
-        kernels = torch.einsum("nk,koihw->noihw", weights, self.weight)
+        kernels = torch.einsum("nk,koihw->noihw", weights, self.experts())
         bias = None if self.bias is None else torch.einsum("nk,ko->no", weights, self.bias)
         return kernels, bias
 

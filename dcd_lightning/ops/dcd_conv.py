@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._branch import DynamicBranch
-from ._folded import FoldedDCD, place_blocks
 from ._common import (
     Gate,
     LatentRule,
@@ -28,10 +27,11 @@ from ._common import (
     linear_madds,
     output_size,
     per_sample_conv,
-    running_affine,
     pool_input,
+    running_affine,
     scale_latent,
 )
+from ._folded import FoldedDCD, place_blocks
 
 
 class DCDConv2d(nn.Module):
@@ -329,6 +329,7 @@ class DCDConv2d(nn.Module):
         The fold is used by forward() in eval mode with gradients off (torch.no_grad or
         torch.inference_mode) and gives the same outputs as the unfolded layer; changing a parameter
         or buffer in place, moving the layer, or calling .train() makes forward() stop using it.
+        Under torch.compile the plain path is traced (no graph breaks; the compiler fuses it).
         Returns False where there is nothing to fold (joint fusion).
         """
         self._folded = FoldedDCD(self) if self.fusion == "channel" else None
@@ -347,7 +348,13 @@ class DCDConv2d(nn.Module):
         """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
         self._check(x)
         folded = self._folded
-        if folded is not None and not self.training and not torch.is_grad_enabled() and folded.is_current():
+        if (
+            folded is not None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # a compiler traces the plain path and fuses it itself
+            and folded.is_current()
+        ):
             return folded.forward(x)
         lam, phi = self.coefficients(x)
         n = x.shape[0]

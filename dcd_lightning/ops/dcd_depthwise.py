@@ -16,6 +16,7 @@ from ._common import (
     check_int,
     check_odd_kernel,
     check_positive,
+    exporting,
     init_fan_out,
     linear_madds,
     output_size,
@@ -172,7 +173,7 @@ class DCDDepthwiseConv2d(nn.Module):
         """Apply the dynamic depthwise convolution to `x` of shape (N, C, H, W)."""
         check_input(type(self).__name__, x, 4, self.in_channels)
         n, c, h, w = x.shape
-        if self.route == "activations" and self.channel_fusion:
+        if (self.route == "activations" and self.channel_fusion) or exporting():
             return self._forward_activations(x)
         kernels, bias = self.sample_kernels(x)
         out = F.conv2d(
@@ -186,16 +187,19 @@ class DCDDepthwiseConv2d(nn.Module):
         return out.view(n, c, out.shape[-2], out.shape[-1])
 
     def _forward_activations(self, x: Tensor) -> Tensor:
-        """Static depthwise conv plus R's basis kernels applied to every channel, then mixed."""
+        """Static depthwise conv plus R's basis kernels applied to every channel, then mixed
+        (no per-sample kernels, so no batch-dependent groups: also the route used for export)."""
         lam, phi = self.coefficients(x)
-        n, c = x.shape[:2]
+        n, c = x.shape[0], self.in_channels  # the module's constant: a traced graph keeps static shapes
         k, kl = self.kernel_size, self.kernel_latent_dim
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, groups=c)
         if lam is not None:
             out = out * lam.view(n, c, 1, 1)
+        if phi is None:
+            return out
         basis = self.kernel_basis.t().reshape(kl, 1, k, k).repeat(c, 1, 1, 1)
         u = F.conv2d(x, basis, stride=self.stride, padding=self.padding, groups=c)
-        u = u.view(n, c, kl, out.shape[-2], out.shape[-1])
+        u = u.reshape(n, c, kl, out.shape[-2], out.shape[-1])
         mix = self._residual_coefficients(phi)
         return out + (u * mix[:, :, :, None, None]).sum(dim=2)
 

@@ -1,0 +1,169 @@
+"""Deployment paths: ONNX export with a dynamic batch, torch.compile without graph breaks,
+channels_last and bf16 autocast, for the registry's models and the dynamic operators."""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+from dcd_lightning import create_model, list_models, optimize_for_inference
+from dcd_lightning.export import BATCH_TRACED, export_onnx, main as export_main
+from dcd_lightning.ops import CondConv2d, DCDConv2d, DCDDepthwiseConv2d, DCDReleaseConv2d, DCDReleaseLinear, DyConv2d
+
+SIZE = 32
+
+
+def calibrated(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A registry model whose batch norms hold the statistics of a random batch (a fresh model's
+    running statistics, mean 0 and variance 1, make deep dynamic models overflow in eval mode)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).to(dtype)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a cumulative average: one batch sets the statistics
+            module.reset_running_stats()
+    with torch.no_grad():
+        model.train()(torch.randn(64, 3, SIZE, SIZE, dtype=dtype))
+    return model.eval()
+
+
+def per_sample_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Max |difference| of each sample's logits relative to that sample's largest logit."""
+    return (actual - expected).abs().amax(dim=1) / expected.abs().amax(dim=1)
+
+
+def onnx_error(name: str) -> float:
+    """Median over 5 samples of onnxruntime's per-sample error against PyTorch, for a model exported at batch 2.
+
+    The median is checked: a random dynamic model has the odd sample near a gate's kink, where
+    float32 rounding differences between the two runtimes are amplified; a batch size baked into
+    the graph fails every sample (or fails to run).
+    """
+    import onnxruntime
+
+    torch.set_num_threads(1)
+    model = calibrated(name)
+    session = onnxruntime.InferenceSession(export_onnx(model, SIZE), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    assert images.shape[0] != BATCH_TRACED
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    with torch.no_grad():
+        expected = model(images)
+    if logits.shape != (5, 10):
+        return float("inf")
+    return float(per_sample_error(torch.from_numpy(logits), expected).median())
+
+
+def test_onnx_export_of_every_registry_model_runs_at_another_batch_size() -> None:
+    """Every registry model exports with a dynamic batch axis and runs at batch 5 in onnxruntime
+    (two worker processes: the export is single-threaded work)."""
+    names = list_models()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = dict(zip(names, pool.map(onnx_error, names)))
+    failed = {name: error for name, error in errors.items() if not error < 1e-4}
+    assert not failed, f"onnxruntime differs from PyTorch (median per-sample relative error): {failed}"
+
+
+def test_export_onnx_command(tmp_path, capsys) -> None:
+    out = tmp_path / "model.onnx"
+    assert export_main(["--model", "resnet10_dcd", "--num-classes", "7", "--image-size", "48",
+                        "--out", str(out), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert out.stat().st_size > 1e6 and "N dynamic" in printed and "onnxruntime vs PyTorch at batch 3" in printed
+
+
+OPERATORS = {
+    "dcd_release_1x1": lambda: DCDReleaseConv2d(16, 32, 1),
+    "dcd_release_3x3": lambda: DCDReleaseConv2d(16, 32, 3, layout="resnet_basic"),
+    "dcd_blocks_kernel": lambda: DCDConv2d(16, 32, 1, num_blocks=2, route="kernel"),
+    "dcd_activations": lambda: DCDConv2d(16, 32, 1, route="activations"),
+    "dcd_joint": lambda: DCDConv2d(16, 32, 3, fusion="joint"),
+    "dcd_depthwise": lambda: DCDDepthwiseConv2d(16, 16, 3, 1, 16),
+    "dyconv": lambda: DyConv2d(16, 32, 3),
+    "condconv": lambda: CondConv2d(16, 32, 3),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "folded"])
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_operators_compile_without_graph_breaks(name: str, mode: str) -> None:
+    """fullgraph=True raises on any graph break (the eager backend traces without code generation)."""
+    torch._dynamo.reset()
+    module = OPERATORS[name]()
+    module = optimize_for_inference(module) if mode == "folded" else module.train(mode == "train")
+    x = torch.randn(2, 16, 8, 8)
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    with torch.set_grad_enabled(mode != "folded"):
+        torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_model_training_step_compiles_without_graph_breaks() -> None:
+    torch._dynamo.reset()
+    model = create_model("mobilenetv2_x0.35_dcd", num_classes=10).train()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    loss = compiled(torch.randn(2, 3, SIZE, SIZE)).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_dyconv", "mobilenetv2_x0.5_condconv",
+                                  "mobilenetv2_x0.5_dcd_dw_pw", "resnet10_dcd", "resnet18_dcd_joint"])
+def test_channels_last_equals_contiguous(name: str) -> None:
+    """model.to(memory_format=torch.channels_last) works (expert banks are 4-d) and changes nothing."""
+    model = calibrated(name, torch.float64).train()
+    images = torch.randn(4, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad()
+        model.to(memory_format=fmt)
+        torch.manual_seed(0)  # the same dropout mask
+        out = model(images.contiguous(memory_format=fmt))
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-9)
+    for grad_last, grad in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(grad_last, grad, rtol=1e-5, atol=1e-7)  # a wrong layout errs by O(1)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "folded"])
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_operators_under_bf16_autocast(name: str, mode: str) -> None:
+    """Each operator under CPU bf16 autocast stays within bf16's precision of its float32 output."""
+    torch.manual_seed(0)
+    module = OPERATORS[name]()
+    module = optimize_for_inference(module) if mode == "folded" else module.train(mode == "train")
+    x = torch.randn(4, 16, 8, 8)
+    with torch.set_grad_enabled(mode != "folded"):
+        expected = module(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = module(x)
+    assert low.dtype in (torch.bfloat16, torch.float32)
+    assert ((low.float() - expected).abs().max() / expected.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_dyconv", "mobilenetv2_x0.5_condconv",
+                                  "resnet10_dcd", "resnet18_dcd_joint"])
+def test_bf16_autocast_trains(name: str) -> None:
+    """A training step under CPU bf16 autocast: bf16 logits, finite loss and gradients.
+
+    (Whole random models amplify bf16 rounding through their input-dependent gates, so their logits
+    are compared with float32's per operator above, not here.)
+    """
+    model = calibrated(name).train()
+    images = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(8) % 10)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dcd_classifier_with_bf16_inputs() -> None:
+    layer = DCDReleaseLinear(16, 10).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(layer(torch.randn(3, 16))).all()

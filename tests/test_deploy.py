@@ -11,8 +11,16 @@ import torch
 from torch import nn
 
 from dcd_lightning import create_model, list_models, optimize_for_inference
-from dcd_lightning.export import BATCH_TRACED, export_onnx, main as export_main
-from dcd_lightning.ops import CondConv2d, DCDConv2d, DCDDepthwiseConv2d, DCDReleaseConv2d, DCDReleaseLinear, DyConv2d
+from dcd_lightning.export import BATCH_TRACED, export_onnx
+from dcd_lightning.export import main as export_main
+from dcd_lightning.ops import (
+    CondConv2d,
+    DCDConv2d,
+    DCDDepthwiseConv2d,
+    DCDReleaseConv2d,
+    DCDReleaseLinear,
+    DyConv2d,
+)
 
 SIZE = 32
 
@@ -167,3 +175,33 @@ def test_dcd_classifier_with_bf16_inputs() -> None:
     layer = DCDReleaseLinear(16, 10).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(layer(torch.randn(3, 16))).all()
+
+
+def test_export_onnx_from_a_config_and_checkpoint(tmp_path, capsys) -> None:
+    """--config + --checkpoint: the trained weights (prefix model.) are what gets exported."""
+    from dcd_lightning.profile_cmd import model_from_config
+
+    model, size = model_from_config(["configs/quickstart.yaml"], [])
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)  # weights a fresh model does not have
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = None
+        model.train()(torch.randn(64, 3, size, size))
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    out = tmp_path / "m.onnx"
+    assert export_main(["--config", "configs/quickstart.yaml", "--checkpoint", str(checkpoint),
+                        "--out", str(out)]) == 0
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 3, size, size)
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model.eval()(images), rtol=1e-4, atol=1e-4)
+    torch.save({"state_dict": {}}, checkpoint)
+    with pytest.raises(SystemExit):
+        export_main(["--config", "configs/quickstart.yaml", "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert "holds no 'model.*' weights" in capsys.readouterr().err

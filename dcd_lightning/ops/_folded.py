@@ -25,7 +25,7 @@ from ._common import pool_input, running_affine
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
     """(N, B, C_out/B, C_in/B) diagonal blocks -> (N, C_out, C_in) block-diagonal kernels."""
-    n, blocks, rows, cols = blocks_kernel.shape
+    n, blocks = blocks_kernel.shape[:2]
     if blocks == 1:
         return blocks_kernel.reshape(n, out_channels, in_channels)
     # block b of the output rows meets block b of the input columns only: a product with the

@@ -336,11 +336,13 @@ class DCDConv2d(nn.Module):
         return self._folded is not None
 
     def train(self, mode: bool = True) -> DCDConv2d:
+        """Training mode drops the inference fold (the weights are about to change)."""
         if mode:
             self._folded = None
         return super().train(mode)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+    def _apply(self, fn, recurse: bool = True):
+        """Moving or converting the layer (.to, .double, ...) drops the inference fold."""
         self._folded = None
         return super()._apply(fn, recurse)
 

@@ -98,3 +98,23 @@ class RunLocations(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Report at the end."""
         self._report(trainer, "run finished")
+
+
+class RestoreLoaderPosition(Callback):
+    """Give a resumed run's stateful training loader its saved position (exact mid-epoch resume).
+
+    Lightning restores a loader's state_dict when it sets up the training data after loading the
+    checkpoint; but a LightningModule whose configure_optimizers asks trainer.estimated_stepping_batches
+    (ours does, for the LR schedule) makes Lightning set up the data earlier, before the checkpoint
+    is read, and the saved position is then never applied: the run would restart the epoch's order.
+    This applies it at train start, before the first batch is drawn, and restarts the iterator.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop
+        states = getattr(loop, "_combined_loader_states_to_load", None)
+        if not states or loop._combined_loader is None or loop._data_fetcher is None:
+            return
+        loop._combined_loader._load_state_dicts(states)
+        loop._combined_loader_states_to_load = []
+        iter(loop._data_fetcher)  # a new iterator that starts from the restored position

@@ -101,7 +101,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step's loss (on mixed images when mixup or cutmix is on)."""
-        images, targets = batch
+        images, targets = batch[0], batch[1]  # a batch may carry sample ids after these
         hp = self.hparams
         smoothing = hp.label_smoothing
         if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
@@ -121,7 +121,7 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        images, targets = batch
+        images, targets = batch[0], batch[1]
         logits = self(images)
         self.log(f"{stage}/loss", F.cross_entropy(logits, targets), prog_bar=True, sync_dist=True)
         for k in ("1", "5"):

@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .callbacks import RunCheckpoint, RunLocations, TemperatureSchedule
+from .callbacks import RestoreLoaderPosition, RunCheckpoint, RunLocations, TemperatureSchedule
 from .sweep import TAGS_ENV, TRIAL_ENV
 
 TOOLS: dict[str, tuple[str, str]] = {
@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench-ops": ("dcd_lightning.bench_ops", "time each operator against the static convolution"),
     "bench-gpu": ("dcd_lightning.bench_gpu", "training throughput on a GPU (bf16, channels_last, compile)"),
     "export-onnx": ("dcd_lightning.export", "a model as ONNX with a dynamic batch axis, checked by onnxruntime"),
+    "make-shards": ("dcd_lightning.data.shards", "write ImageNet (ImageFolder) as streaming shards, resumable"),
     "import-official": ("dcd_lightning.import_official", "convert an official DCD checkpoint to ours"),
     "make-paper-configs": ("dcd_lightning.paper_configs", "write configs/paper/ from the model registry"),
     "sweep": ("dcd_lightning.sweep", "run a W&B sweep file's trials here, without a W&B server"),
@@ -149,10 +150,11 @@ class DCDLightningCLI(LightningCLI):
         parser.add_lightning_class_args(RunLocations, "run_locations")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        """Drop the project's checkpoint callback when the config switches checkpointing off."""
+        """Drop the project's checkpoint callback when the config switches checkpointing off; add
+        RestoreLoaderPosition (exact mid-epoch resume of stateful loaders)."""
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(config, [*callbacks, RestoreLoaderPosition()])
 
     def before_instantiate_classes(self) -> None:
         """Put loggers under default_root_dir and name W&B runs from the config."""

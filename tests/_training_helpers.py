@@ -25,3 +25,18 @@ class InterruptAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class RecordSampleIds(Callback):
+    """Append the sample ids of every training batch (the data module's with_ids=true) to
+    <folder>/ids-rank<R>.txt, one line per batch, so tests can compare orders across runs."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        import os
+
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"ids-rank{trainer.global_rank}.txt"), "a") as out:
+            out.write(" ".join(str(int(i)) for i in batch[2]) + "\n")

@@ -18,6 +18,21 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (torchvision ImageFolder layout)"
 
 
+def train_transform(crop: int) -> transforms.Compose:
+    """The standard ImageNet training augmentation: random resized crop, flip, normalise."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+    ])
+
+
+def eval_transform(resize: int, crop: int) -> transforms.Compose:
+    """The standard ImageNet evaluation transform: resize, centre crop, normalise."""
+    return transforms.Compose([
+        transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+    ])
+
+
 class CorruptImageError(RuntimeError):
     """An image file that cannot be decoded."""
 
@@ -98,15 +113,9 @@ class ImageNetDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Index the image folders (train for fit, val for everything) and check the class count."""
         hp = self.hparams
-        evaluate = transforms.Compose([
-            transforms.Resize(hp.eval_resize), transforms.CenterCrop(hp.eval_crop),
-            transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-        ])
+        evaluate = eval_transform(hp.eval_resize, hp.eval_crop)
         if stage in (None, "fit") and "train" not in self.datasets:
-            train = transforms.Compose([
-                transforms.RandomResizedCrop(hp.train_crop), transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-            ])
+            train = train_transform(hp.train_crop)
             self.datasets["train"] = CheckedImageFolder(str(self._folder("train")), train, hp.skip_corrupt)
         if "val" not in self.datasets:
             self.datasets["val"] = CheckedImageFolder(str(self._folder("val")), evaluate, hp.skip_corrupt)

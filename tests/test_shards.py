@@ -1,0 +1,166 @@
+"""ImageNet as streaming shards: make-shards, training from shards, DDP, exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from conftest import tiny_imagenet_args, write_image_folder
+from dcd_lightning.cli import main
+from dcd_lightning.data.shards import ImageNetShardsDataModule, make_shards
+from dcd_lightning.data.shards import main as make_shards_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = str(ROOT / "configs" / "paper" / "table4_resnet10_static.yaml")
+SHARDS_PRESET = str(ROOT / "configs" / "presets" / "shards.yaml")
+PER_CLASS = 8  # 24 training images: 2 ranks x 2 workers x batch 2 x 3 batches, nothing dropped
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(image folder, its shards), several chunks per split so ranks and workers get their own."""
+    base = tmp_path_factory.mktemp("shards")
+    folder = write_image_folder(base / "folder", per_class=PER_CLASS, size=(40, 48))
+    make_shards(folder, str(base / "shards"), workers=2, chunk_bytes="8KB")
+    return folder, base / "shards"
+
+
+def shard_args(shards: Path, *extra: str) -> list[str]:
+    return ["--config", PAPER, "--config", SHARDS_PRESET, *tiny_imagenet_args(shards),
+            "--data.init_args.train_crop=32", "--data.init_args.eval_resize=36", "--data.init_args.eval_crop=32",
+            *extra]
+
+
+def test_manifest_counts_and_classes_match_the_image_folder(shards: tuple[Path, Path]) -> None:
+    folder, out = shards
+    manifest = json.loads((out / "manifest.json").read_text())
+    reference = ImageFolder(str(folder / "train"))
+    assert manifest["classes"] == reference.classes
+    for split in ("train", "val"):
+        source = ImageFolder(str(folder / split))
+        per_class = [sum(1 for _, label in source.samples if label == c) for c in range(len(source.classes))]
+        assert manifest["splits"][split] == {"images": len(source), "per_class": per_class}
+
+
+def test_shards_keep_the_image_folder_class_indices_and_bytes(shards: tuple[Path, Path]) -> None:
+    """Every stored item is the ImageFolder sample of the same index: label, path and file bytes."""
+    import litdata
+
+    folder, out = shards
+    for split in ("train", "val"):
+        source = ImageFolder(str(folder / split))
+        data = litdata.StreamingDataset(str(out / split))
+        seen = set()
+        for index in range(len(data)):
+            item = data[index]
+            path, label = source.samples[item["id"]]
+            assert item["label"] == label and Path(path).relative_to(folder / split) == Path(item["path"])
+            assert bytes(item["image"]) == Path(path).read_bytes()
+            seen.add(item["id"])
+        assert seen == set(range(len(source)))
+
+
+def test_make_shards_resumes_and_skips_finished_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_image_folder(tmp_path / "folder", per_class=2)
+    out = tmp_path / "shards"
+    assert make_shards_main(["--root", str(folder), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["splits"]["val"]  # as if the run had stopped after train
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert make_shards_main(["--root", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 6 images already written, skipped" in printed and "make-shards: val: 6 images" in printed
+    assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["images"] == 6
+    other = write_image_folder(tmp_path / "other", per_class=2)
+    for split in ("train", "val"):
+        (other / split / "extra_class").mkdir()
+        next((other / split / "n01440764").glob("*.JPEG")).rename(other / split / "extra_class" / "moved.JPEG")
+    with pytest.raises(SystemExit):
+        make_shards_main(["--root", str(other), "--out", str(out)])
+    assert "holds shards of another source" in capsys.readouterr().err
+
+
+def test_fit_from_shards(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = shards
+    assert main(["fit", *shard_args(out, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}")]) == 0
+
+
+def test_missing_shards_are_named(tmp_path: Path) -> None:
+    data = ImageNetShardsDataModule(root=str(tmp_path / "nowhere"), num_classes=3)
+    with pytest.raises(FileNotFoundError, match=r"no manifest.json under .*nowhere.*make-shards"):
+        data.setup("fit")
+
+
+def _read_ids(folder: Path, rank: int) -> list[list[int]]:
+    lines = (folder / f"ids-rank{rank}.txt").read_text().splitlines()
+    return [[int(i) for i in line.split()] for line in lines]
+
+
+def test_ddp_ranks_get_equal_batches_and_cover_the_data(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two processes (gloo), two workers each: the same number of steps, every image once."""
+    _, out = shards
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "dcd_lightning", "fit", *shard_args(out), "--trainer.strategy=ddp",
+         "--trainer.devices=2", "--data.init_args.num_workers=2", "--data.init_args.with_ids=true",
+         "--trainer.max_epochs=1", "--trainer.limit_val_batches=2", "--trainer.logger=false",
+         "--trainer.callbacks+=_training_helpers.RecordSampleIds", f"--trainer.callbacks.folder={tmp_path / 'ids'}",
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [_read_ids(tmp_path / "ids", rank) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    seen = [i for rank in ranks for batch in rank for i in batch]
+    assert sorted(seen) == list(range(3 * PER_CLASS))
+
+
+def test_mid_epoch_resume_continues_with_the_next_unseen_batch(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    """Stopped (Ctrl-C) after 3 of 6 steps of the second epoch and resumed from last.ckpt, the run sees
+    exactly the batches an uninterrupted run sees, in the same order (two loader workers)."""
+    _, out = shards
+    common = shard_args(out, "--data.init_args.num_workers=2", "--data.init_args.with_ids=true",
+                        "--data.init_args.batch_size=4", "--trainer.max_epochs=2", "--trainer.limit_val_batches=1",
+                        "--trainer.logger=false", "--trainer.callbacks+=_training_helpers.RecordSampleIds")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["fit", *common, f"--trainer.callbacks.folder={straight / 'ids'}",
+                 f"--trainer.default_root_dir={straight}"]) == 0
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            main(["fit", *common, f"--trainer.callbacks.folder={resumed / 'ids'}",
+                  "--trainer.callbacks+=_training_helpers.InterruptAtStep", "--trainer.callbacks.step=9",
+                  f"--trainer.default_root_dir={resumed}"])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    stopped = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (stopped["epoch"], stopped["global_step"]) == (1, 9)
+    assert main(["fit", *common, f"--trainer.callbacks.folder={resumed / 'ids'}", "--ckpt_path=last",
+                 f"--trainer.default_root_dir={resumed}"]) == 0
+    expected = _read_ids(straight / "ids", 0)
+    assert len(expected) == 12
+    assert _read_ids(resumed / "ids", 0) == expected
+
+
+def test_corrupt_image_in_a_shard_is_named_or_skipped(tmp_path: Path) -> None:
+    folder = write_image_folder(tmp_path / "folder", per_class=2)
+    bad = sorted((folder / "train" / "n01443537").glob("*.JPEG"))[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "shards"
+    make_shards(folder, str(out))
+    args = shard_args(out, "--data.init_args.batch_size=6", "--trainer.fast_dev_run=1",
+                      f"--trainer.default_root_dir={tmp_path / 'run'}")
+    relative = "n01443537/" + bad.name
+    with pytest.raises(RuntimeError, match=rf"cannot read image {relative} \(image \d+\) in the shards at .*skip_corrupt=true"):
+        main(["fit", *args])
+    with pytest.warns(UserWarning, match=rf"skipped unreadable image {relative}"):
+        assert main(["fit", *args, "--data.init_args.skip_corrupt=true"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,18 +69,20 @@ def test_shards_keep_the_image_folder_class_indices_and_bytes(shards: tuple[Path
         assert seen == set(range(len(source)))
 
 
-def test_make_shards_resumes_and_skips_finished_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = write_image_folder(tmp_path / "folder", per_class=2)
+def test_make_shards_resumes_and_skips_finished_splits(shards: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    folder, written = shards
     out = tmp_path / "shards"
-    assert make_shards_main(["--root", str(folder), "--out", str(out)]) == 0
+    shutil.copytree(written, out)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["splits"]["val"]  # as if the run had stopped after train
     (out / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    assert make_shards_main(["--root", str(folder), "--out", str(out)]) == 0
+    assert make_shards_main(["--root", str(folder), "--out", str(out), "--chunk-bytes", "8KB"]) == 0
     printed = capsys.readouterr().out
-    assert "train: 6 images already written, skipped" in printed and "make-shards: val: 6 images" in printed
-    assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["images"] == 6
+    assert f"train: {3 * PER_CLASS} images already written, skipped" in printed
+    assert f"make-shards: val: {3 * PER_CLASS} images" in printed
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((written / "manifest.json").read_text())
     other = write_image_folder(tmp_path / "other", per_class=2)
     for split in ("train", "val"):
         (other / split / "extra_class").mkdir()
@@ -151,13 +154,21 @@ def test_mid_epoch_resume_continues_with_the_next_unseen_batch(shards: tuple[Pat
     assert _read_ids(resumed / "ids", 0) == expected
 
 
-def test_corrupt_image_in_a_shard_is_named_or_skipped(tmp_path: Path) -> None:
-    folder = write_image_folder(tmp_path / "folder", per_class=2)
-    bad = sorted((folder / "train" / "n01443537").glob("*.JPEG"))[0]
-    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+def test_corrupt_image_in_a_shard_is_named_or_skipped(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    """An image whose bytes are damaged inside a shard file is named (path, id, shards) or skipped."""
+    folder, written = shards
     out = tmp_path / "shards"
-    make_shards(folder, str(out))
-    args = shard_args(out, "--data.init_args.batch_size=6", "--trainer.fast_dev_run=1",
+    shutil.copytree(written, out)
+    bad = sorted((folder / "train" / "n01443537").glob("*.JPEG"))[0]
+    original = bad.read_bytes()
+    for chunk in (out / "train").glob("*.bin"):
+        data = chunk.read_bytes()
+        if original in data:  # overwrite the JPEG's start-of-image marker and header in place
+            chunk.write_bytes(data.replace(original, b"\0" * 16 + original[16:]))
+            break
+    else:
+        raise AssertionError("the image's bytes are not in any shard")
+    args = shard_args(out, "--data.init_args.batch_size=24", "--trainer.fast_dev_run=1",
                       f"--trainer.default_root_dir={tmp_path / 'run'}")
     relative = "n01443537/" + bad.name
     with pytest.raises(RuntimeError, match=rf"cannot read image {relative} \(image \d+\) in the shards at .*skip_corrupt=true"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -116,11 +117,15 @@ def make_shards(root: str | Path, out: str, workers: int = 1, chunk_bytes: str =
         # lists, not tuples: litdata's resume compares the items with their JSON copy in its checkpoint
         items = [[i, path, label, str(Path(path).relative_to(root / split))] for i, (path, label) in enumerate(samples)]
         print(f"make-shards: {split}: {len(items)} images of {len(classes)} classes -> {_join(out, split)}")
-        litdata.optimize(
-            fn=_shard_item, inputs=items, output_dir=_join(out, split), chunk_bytes=chunk_bytes,
-            num_workers=max(1, workers), use_checkpoint=True, mode=None if _has_checkpoint(out, split) else "overwrite",
-            keep_data_ordered=True, verbose=True,
-        )
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        try:
+            litdata.optimize(
+                fn=_shard_item, inputs=items, output_dir=_join(out, split), chunk_bytes=chunk_bytes,
+                num_workers=max(1, workers), use_checkpoint=True,
+                mode=None if _has_checkpoint(out, split) else "overwrite", keep_data_ordered=True, verbose=True,
+            )
+        finally:  # litdata sets the process-wide start method (to spawn); data loaders after it would inherit it
+            multiprocessing.set_start_method(start_method, force=True)
         written = len(litdata.StreamingDataset(_join(out, split)))
         if written != len(items):
             raise RuntimeError(f"make-shards: {split}: wrote {written} images but the source has {len(items)}")

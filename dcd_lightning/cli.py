@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench-ops": ("dcd_lightning.bench_ops", "time each operator against the static convolution"),
     "bench-gpu": ("dcd_lightning.bench_gpu", "training throughput on a GPU (bf16, channels_last, compile)"),
     "export-onnx": ("dcd_lightning.export", "a model as ONNX with a dynamic batch axis, checked by onnxruntime"),
+    "bench-data": ("dcd_lightning.bench_data", "images/s of the ImageFolder and shard loaders, and JPEG decoding"),
     "make-shards": ("dcd_lightning.data.shards", "write ImageNet (ImageFolder) as streaming shards, resumable"),
     "import-official": ("dcd_lightning.import_official", "convert an official DCD checkpoint to ours"),
     "make-paper-configs": ("dcd_lightning.paper_configs", "write configs/paper/ from the model registry"),

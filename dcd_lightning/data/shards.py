@@ -123,6 +123,7 @@ def make_shards(root: str | Path, out: str, workers: int = 1, chunk_bytes: str =
                 fn=_shard_item, inputs=items, output_dir=_join(out, split), chunk_bytes=chunk_bytes,
                 num_workers=max(1, workers), use_checkpoint=True,
                 mode=None if _has_checkpoint(out, split) else "overwrite", keep_data_ordered=True, verbose=True,
+                start_method=_start_method(out),
             )
         finally:  # litdata sets the process-wide start method (to spawn); data loaders after it would inherit it
             multiprocessing.set_start_method(start_method, force=True)
@@ -132,6 +133,13 @@ def make_shards(root: str | Path, out: str, workers: int = 1, chunk_bytes: str =
         manifest["splits"][split] = expected
         _write_text(_join(out, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
+
+
+def _start_method(out: str) -> str | None:
+    """fork for local output where the platform has it (workers start in milliseconds, not by
+    re-importing torch); litdata's own choice (spawn) for remote output, which uploads from threads."""
+    remote = out.startswith(("s3://", "gs://", "azure://"))
+    return "fork" if not remote and "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _has_checkpoint(out: str, split: str) -> bool:

@@ -1,0 +1,112 @@
+"""`python -m dcd_lightning bench-data`: training-loader throughput of the ImageFolder and the shard forms.
+
+    python -m dcd_lightning bench-data [--images 1024] [--workers 1,2,8] [--batch-size 64] [--folder DIR]
+
+Writes a generated ImageNet-like set (natural-looking 500x375 JPEGs at quality 90, ~60 KB each,
+like ImageNet's) to a temporary folder unless --folder names an ImageFolder tree, writes its
+shards, then times one training epoch (decode + random resized crop + flip + normalise, batches
+collated) of each form at each worker count: images/s from the first batch to the last (worker
+start-up excluded). It also times JPEG decoding alone with PIL and with torchvision.io.decode_jpeg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bench_ops import machine
+
+
+def write_jpegs(root: Path, images: int, classes: int = 4, size: tuple[int, int] = (500, 375)) -> Path:
+    """root/{train,val}/<class>/*.JPEG: smooth random scenes with grain, the size and entropy of photos."""
+    rng = np.random.default_rng(0)
+    width, height = size
+    for split, count in (("train", images), ("val", max(classes, images // 10))):
+        for index in range(count):
+            folder = root / split / f"n{index % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = Image.fromarray(rng.integers(0, 255, (height // 16, width // 16, 3), dtype=np.uint8))
+            pixels = np.asarray(coarse.resize(size, Image.BICUBIC)).astype(np.int16)
+            pixels = np.clip(pixels + rng.integers(-12, 12, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index:06d}.JPEG", quality=90)
+    return root
+
+
+def _epoch_rate(loader: torch.utils.data.DataLoader) -> float:
+    """Images per second over one epoch, from the first batch's arrival to the last's."""
+    iterator = iter(loader)
+    first = next(iterator)
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        count += len(batch[1])
+    elapsed = time.perf_counter() - start
+    del first
+    return count / elapsed if elapsed > 0 else float("nan")
+
+
+def decode_rates(folder: Path, limit: int = 200) -> dict[str, float]:
+    """JPEG decoding alone (one thread): images/s of PIL and of torchvision.io.decode_jpeg."""
+    from torchvision.io import decode_jpeg
+
+    blobs = [path.read_bytes() for path in sorted(folder.rglob("*.JPEG"))[:limit]]
+    rates = {}
+    start = time.perf_counter()
+    for blob in blobs:
+        Image.open(io.BytesIO(blob)).convert("RGB").load()
+    rates["PIL"] = len(blobs) / (time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for blob in blobs:
+            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        rates["torchvision.io.decode_jpeg"] = len(blobs) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cpus = os.cpu_count() or 1
+    parser.add_argument("--images", type=int, default=1024, help="training images to generate (default 1024)")
+    parser.add_argument("--workers", default=",".join(str(w) for w in sorted({1, 2, cpus})),
+                        help="comma-separated loader worker counts (default 1, 2 and this machine's CPUs)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--folder", help="an existing ImageFolder tree to read instead of a generated one")
+    args = parser.parse_args(argv)
+    from .data.imagenet import ImageNetDataModule
+    from .data.shards import ImageNetShardsDataModule, make_shards
+
+    workers = [int(w) for w in args.workers.split(",")]
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.folder) if args.folder else write_jpegs(Path(scratch) / "images", args.images)
+        shards = str(Path(scratch) / "shards")
+        make_shards(folder, shards, workers=max(workers))
+        classes = len([p for p in (folder / "train").iterdir() if p.is_dir()])
+        print(f"machine: {machine()}\n\n{args.images} training images from {'--folder' if args.folder else 'the generator'}"
+              f" (mean {np.mean([p.stat().st_size for p in (folder / 'train').rglob('*.JPEG')]) / 1024:.0f} KB), "
+              f"batch {args.batch_size}, train transforms at 224\n")
+        print("| loader | workers | images/s |\n|---|---:|---:|")
+        for count in workers:
+            common = {"batch_size": args.batch_size, "num_workers": count, "num_classes": classes, "pin_memory": False}
+            forms = {
+                "ImageFolder": ImageNetDataModule(root=str(folder), **common),
+                "shards (litdata)": ImageNetShardsDataModule(root=shards, **common),
+            }
+            for name, data in forms.items():
+                data.setup("fit")
+                print(f"| {name} | {count} | {_epoch_rate(data.train_dataloader()):.0f} |", flush=True)
+        print("\n| JPEG decoding alone, one thread | images/s |\n|---|---:|")
+        for name, rate in decode_rates(folder / "train").items():
+            print(f"| {name} | {rate:.0f} |")
+    return 0

@@ -111,7 +111,7 @@ def test_operators_compile_without_graph_breaks(name: str, mode: str) -> None:
 
 def test_model_training_step_compiles_without_graph_breaks() -> None:
     torch._dynamo.reset()
-    model = create_model("mobilenetv2_x0.35_dcd", num_classes=10).train()
+    model = create_model("resnet10_dcd", num_classes=10).train()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     loss = compiled(torch.randn(2, 3, SIZE, SIZE)).square().mean()
     loss.backward()

@@ -176,16 +176,16 @@ def test_every_paper_config_builds_its_registry_model(filename: str) -> None:
     assert [type(m).__name__ for m in model.modules()] == [type(m).__name__ for m in expected.modules()]
 
 
-def test_profile_json_for_a_paper_config(tmp_path: Path) -> None:
+def test_profile_json_for_a_paper_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from dcd_lightning.cli import main
+
     config = ROOT / "configs" / "paper" / "table4_resnet18_dcd.yaml"
-    result = subprocess.run([sys.executable, "-m", "dcd_lightning", "profile", "--config", str(config), "--json"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads(result.stdout)
+    assert main(["profile", "--config", str(config), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     spec_params = sum(p.numel() for p in create_model("resnet18_dcd").parameters())
     assert isinstance(data["params"], int) and isinstance(data["madds"], int)
     assert data["params"] == spec_params - data["classifier_params"]  # ResNet: counted without fc
     assert data["paper"][0]["params_m"] == 14.0
-    text = subprocess.run([sys.executable, "-m", "dcd_lightning", "profile", "--model", "mobilenetv2_x0.5_dcd"],
-                          capture_output=True, text=True, timeout=300).stdout
+    assert main(["profile", "--model", "mobilenetv2_x0.5_dcd"]) == 0
+    text = capsys.readouterr().out
     assert "DCDReleaseConv2d 1x1" in text and "paper table4a_mobilenetv2[7]: params 3.1M" in text

@@ -92,21 +92,15 @@ def test_random_search_is_seeded_and_in_range() -> None:
     assert agent_command({"program": "train.py"}, {"a.b": 1}) == ["/usr/bin/env", "python", "train.py", "--a.b=1"]
 
 
-def test_local_sweep_runs_each_trial_as_its_own_run(tmp_path: Path) -> None:
-    sweep = tmp_path / "lr.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "name": "lr", "method": "grid",
-        "command": ["${env}", "python", "-m", "dcd_lightning", "fit", "--config", QUICKSTART, "${args}"],
-        "parameters": {"model.init_args.lr": {"values": [0.01, 0.02]}},
-    }))
-    assert main(["sweep", str(sweep), "--extra", *FAST, "--data.init_args.image_size=8",
-                 "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'runs'}"]) == 0
-    runs = load_runs(tmp_path / "runs")
-    assert sorted(runs["lr"]) == [0.01, 0.02]
-    assert {Path(r).relative_to(tmp_path / "runs").parts[:2] for r in runs["run"]} == {("lr", "trial-000"),
-                                                                                         ("lr", "trial-001")}
+def test_local_sweep_runs_each_trial_as_its_own_run(small_runs: dict[str, Path]) -> None:
+    """The fixture's `sweep --count 2` of table2_latent_mult: each trial a run of its own, with its checkpoint."""
+    root = small_runs["sweep"]
+    runs = load_runs(root)
+    assert sorted(runs["latent_mult"]) == [0.25, 0.5]
+    assert {Path(r).relative_to(root).parts[:2] for r in runs["run"]} == {("table2_latent_mult", "trial-000"),
+                                                                          ("table2_latent_mult", "trial-001")}
     for trial in ("trial-000", "trial-001"):
-        assert (tmp_path / "runs" / "lr" / trial / "checkpoints" / "last.ckpt").is_file()
+        assert (root / "table2_latent_mult" / trial / "checkpoints" / "last.ckpt").is_file()
 
 
 # -- Phi's normalized variance -------------------------------------------------------------------

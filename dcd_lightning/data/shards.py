@@ -29,7 +29,7 @@ import litdata
 import torch
 from PIL import Image
 
-from .imagenet import CorruptImageError, LAYOUT, collate_skipping_none, eval_transform, train_transform
+from .imagenet import LAYOUT, CorruptImageError, collate_skipping_none, eval_transform, train_transform
 
 MANIFEST = "manifest.json"
 FORMAT = "dcd-lightning ImageNet shards v1 (litdata)"
@@ -295,4 +295,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ImageNetShardsDataModule", "make_shards", "main", "read_text"]
+__all__ = ["ImageNetShardsDataModule", "main", "make_shards", "read_text"]

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         for count in workers:
             common = {"batch_size": args.batch_size, "num_workers": count, "num_classes": classes, "pin_memory": False}
             forms = {
-                "ImageFolder": ImageNetDataModule(root=str(folder), **common),
-                "shards (litdata)": ImageNetShardsDataModule(root=shards, **common),
+                "ImageFolder (PIL)": ImageNetDataModule(root=str(folder), **common),
+                "shards (litdata, PIL)": ImageNetShardsDataModule(root=shards, decoder="pil", **common),
+                "shards (litdata, decode_jpeg)": ImageNetShardsDataModule(root=shards, decoder="torchvision", **common),
             }
             for name, data in forms.items():
                 data.setup("fit")

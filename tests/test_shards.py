@@ -92,9 +92,17 @@ def test_make_shards_resumes_and_skips_finished_splits(shards: tuple[Path, Path]
     assert "holds shards of another source" in capsys.readouterr().err
 
 
-def test_fit_from_shards(shards: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoder", ["auto", "pil", "torchvision"])
+def test_fit_from_shards(shards: tuple[Path, Path], tmp_path: Path, decoder: str) -> None:
     _, out = shards
-    assert main(["fit", *shard_args(out, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}")]) == 0
+    assert main(["fit", *shard_args(out, "--trainer.fast_dev_run=2", f"--data.init_args.decoder={decoder}",
+                                    f"--trainer.default_root_dir={tmp_path}")]) == 0
+    data = ImageNetShardsDataModule(root=str(out), num_classes=3, train_crop=32, eval_resize=36, eval_crop=32,
+                                    decoder=decoder, num_workers=0)
+    data.setup("fit")
+    image, label = data.datasets["val"][0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+    assert -3 < float(image.mean()) < 3  # normalised
 
 
 def test_missing_shards_are_named(tmp_path: Path) -> None:
@@ -154,7 +162,8 @@ def test_mid_epoch_resume_continues_with_the_next_unseen_batch(shards: tuple[Pat
     assert _read_ids(resumed / "ids", 0) == expected
 
 
-def test_corrupt_image_in_a_shard_is_named_or_skipped(shards: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_corrupt_image_in_a_shard_is_named_or_skipped(shards: tuple[Path, Path], tmp_path: Path, decoder: str) -> None:
     """An image whose bytes are damaged inside a shard file is named (path, id, shards) or skipped."""
     folder, written = shards
     out = tmp_path / "shards"
@@ -168,7 +177,7 @@ def test_corrupt_image_in_a_shard_is_named_or_skipped(shards: tuple[Path, Path],
             break
     else:
         raise AssertionError("the image's bytes are not in any shard")
-    args = shard_args(out, "--data.init_args.batch_size=24", "--trainer.fast_dev_run=1",
+    args = shard_args(out, "--data.init_args.batch_size=24", "--trainer.fast_dev_run=1", f"--data.init_args.decoder={decoder}",
                       f"--trainer.default_root_dir={tmp_path / 'run'}")
     relative = "n01443537/" + bad.name
     with pytest.raises(RuntimeError, match=rf"cannot read image {relative} \(image \d+\) in the shards at .*skip_corrupt=true"):

@@ -18,18 +18,23 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (torchvision ImageFolder layout)"
 
 
-def train_transform(crop: int) -> transforms.Compose:
-    """The standard ImageNet training augmentation: random resized crop, flip, normalise."""
+def train_transform(crop: int, tensors: bool = False) -> transforms.Compose:
+    """The standard ImageNet training augmentation: random resized crop, flip, normalise.
+
+    With tensors=True the same steps take a uint8 (3, H, W) tensor (antialiased resizing).
+    """
+    to_float = transforms.ConvertImageDtype(torch.float32) if tensors else transforms.ToTensor()
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.RandomResizedCrop(crop, antialias=True), transforms.RandomHorizontalFlip(),
+        to_float, transforms.Normalize(MEAN, STD),
     ])
 
 
-def eval_transform(resize: int, crop: int) -> transforms.Compose:
-    """The standard ImageNet evaluation transform: resize, centre crop, normalise."""
+def eval_transform(resize: int, crop: int, tensors: bool = False) -> transforms.Compose:
+    """The standard ImageNet evaluation transform: resize, centre crop, normalise (tensors: as above)."""
+    to_float = transforms.ConvertImageDtype(torch.float32) if tensors else transforms.ToTensor()
     return transforms.Compose([
-        transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop), to_float, transforms.Normalize(MEAN, STD),
     ])
 
 

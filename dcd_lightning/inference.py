@@ -1,23 +1,58 @@
-"""`optimize_for_inference(model)`: put a model in eval mode with every DCD layer's constants folded."""
+"""`optimize_for_inference(model)`: an eval-mode copy of a model with its DCD layers' constants folded."""
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """Switch `model` to eval mode and fold each DCD layer's eval-mode constants; returns `model`.
+def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True) -> nn.Module:
+    """Return `model` for inference: eval mode, each DCD layer's eval-mode constants folded.
 
-    Outputs are unchanged (to rounding): each DCD layer's latent batch norms, gate range and the
+    Outputs are unchanged (to rounding). Each DCD layer's latent batch norms, gate range and the
     two heads of its dynamic branch are folded into a few tensors (see ops/_folded.py), which
-    forward() uses under torch.no_grad() or torch.inference_mode(). Layers choose per call between
-    forming each sample's kernel and applying Q, Phi, P to the activations, by multiply-adds; one
-    sample runs as one plain convolution. Call it again after changing the weights; .train()
-    drops the folds. Other layers are left as they are.
+    forward() uses under torch.no_grad() or torch.inference_mode(); one sample of a 1x1 layer runs
+    as a few small matrix products and one convolution. With `fold_batch_norms` (default) every
+    BatchNorm2d that directly follows a convolution is folded into it as well, in static
+    convolutions (as torch.nn.utils.fusion does) and in DCD layers alike; that changes the model's
+    structure, so the model is copied first and the argument is left as it was. Call it again after
+    changing the weights; .train() on the result drops the DCD folds (its folded batch norms stay
+    folded: train the original).
     """
+    if fold_batch_norms:
+        model = copy.deepcopy(model).eval()
+        for parent in list(model.modules()):
+            for conv_name, norm_name in _conv_norm_pairs(parent):
+                _fold_pair(parent, conv_name, norm_name)
     model.eval()
     for module in model.modules():
         fold = getattr(module, "fold_for_inference", None)
         if callable(fold):
             fold()
     return model
+
+
+def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """(convolution, batch norm) child names that run one after the other: consecutive entries of
+    an nn.Sequential, and the convN / bnN attributes of residual blocks."""
+    names = list(parent._modules)
+    if isinstance(parent, nn.Sequential):
+        return list(zip(names, names[1:]))
+    return [(name, "bn" + name[4:]) for name in names if name.startswith("conv") and "bn" + name[4:] in names]
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> None:
+    from .ops import DCDConv2d, StaticConv2d
+
+    conv, norm = parent._modules[conv_name], parent._modules[norm_name]
+    if not isinstance(norm, nn.BatchNorm2d) or norm.running_mean is None:
+        return
+    if isinstance(conv, DCDConv2d) and conv.fusion == "channel" and conv.output_norm is None:
+        conv.output_norm = norm  # the layer applies it, and its fold absorbs it
+    elif type(conv) in (nn.Conv2d, StaticConv2d):  # plain convolutions (not subclasses with other forwards)
+        parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+    else:
+        return
+    parent._modules[norm_name] = nn.Identity()

@@ -205,3 +205,25 @@ def test_export_onnx_from_a_config_and_checkpoint(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         export_main(["--config", "configs/quickstart.yaml", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert "holds no 'model.*' weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_static", "resnet10_dcd", "resnet18_dcd_joint",
+                                  "mobilenetv2_x0.5_dyconv"])
+def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None:
+    """Every BatchNorm2d after a static or DCD convolution is folded; outputs are unchanged (float64),
+    at batch 1 and 3; the model passed in keeps its structure and training behaviour."""
+    model = calibrated(name, torch.float64)
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    optimized = optimize_for_inference(model)
+    moved = sum(getattr(m, "output_norm", None) is not None for m in optimized.modules())
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in optimized.modules()) - moved
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == norms  # the original is untouched
+    # every norm is folded except those after mixture convolutions and joint-fusion DCD (not foldable)
+    unfoldable = sum(isinstance(m, (DyConv2d, CondConv2d)) or (isinstance(m, DCDConv2d) and m.fusion == "joint")
+                     for m in model.modules())
+    assert left == unfoldable and (moved > 0) == ("dcd" in name and "joint" not in name)
+    images = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for batch in (images[:1], images):
+            expected = model(batch)
+            assert ((optimized(batch) - expected).abs().max() / expected.abs().max()) < 1e-9

@@ -161,6 +161,21 @@ def test_folded_inference_equals_reference(name: str, stride: int, batch: int) -
             assert module._folded is not None and module._folded.is_current()
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", [n for n in FOLDABLE if "joint" not in n])
+def test_folded_inference_absorbs_a_following_batch_norm(name: str, batch: int) -> None:
+    """A BatchNorm2d moved into the layer (output_norm) is folded too: folded == reference + norm."""
+    module = randomise(CONV_VARIANTS[name](1))
+    module.output_norm = randomise(nn.BatchNorm2d(module.out_channels), seed=7).eval()
+    module.eval()
+    x = torch.randn(batch, CIN, 7, 7, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = module.output_norm(module._forward_plain(x))
+        assert_close_relative(module.reference_forward(x), expected)
+        assert module.fold_for_inference()
+        assert_close_relative(module(x), expected)
+
+
 @pytest.mark.parametrize("name", sorted(n for n in LINEAR_VARIANTS if "dcd" in n or "release" in n))
 def test_folded_linear_equals_reference(name: str) -> None:
     module = optimize_for_inference(randomise(LINEAR_VARIANTS[name]()))

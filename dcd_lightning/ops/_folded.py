@@ -103,6 +103,17 @@ class FoldedDCD:
         self.head_bias = torch.cat(head_bias)
         self.pool_size = layer.pool_size
         self.route = layer.prefers_kernel_route
+        if layer.output_norm is not None:
+            self._absorb(*running_affine(layer.output_norm))
+
+    def _absorb(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold a following eval-mode batch norm y -> scale y + shift: every output row is scaled
+        (W0 and its bias, P) and the shift joins the constant term P c2 (which Lambda does not scale)."""
+        self.weight = self.weight * scale.view(-1, 1, 1, 1)
+        self.bias = None if self.bias is None else self.bias * scale
+        if self.fusion:
+            self.expand = self.expand * scale.view(self.blocks, -1, 1)
+        self.expand_bias = shift if self.expand_bias is None else self.expand_bias * scale + shift
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -121,8 +132,8 @@ class FoldedDCD:
         c_out = self.out_channels
         lam = self.gate(coefficients[:, :c_out]) if self.attention else None
         if not self.fusion:
-            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
-            return out * lam.view(n, c_out, 1, 1)
+            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding) * lam.view(n, c_out, 1, 1)
+            return out if self.expand_bias is None else out + self.expand_bias.view(1, c_out, 1, 1)
         phi = coefficients[:, c_out if self.attention else 0 :].view(n, self.blocks, self.latent, self.latent)
         h_out, w_out = (x.shape[2] - 1) // self.stride + 1, (x.shape[3] - 1) // self.stride + 1
         if not self.route(h_out, w_out):
@@ -140,6 +151,8 @@ class FoldedDCD:
         if self.latent_bias is not None:
             latent = torch.addmv(self.expand_bias, mixed, self.latent_bias[0])
             bias = latent if bias is None else bias + latent
+        elif self.expand_bias is not None:
+            bias = self.expand_bias if bias is None else bias + self.expand_bias
         return F.conv2d(x, kernel.view(c_out, c_in, 1, 1), bias, self.stride)
 
     def _static_bias(self, lam: Tensor | None, n: int) -> Tensor | None:
@@ -155,6 +168,9 @@ class FoldedDCD:
         if self.latent_bias is not None:
             latent_bias = torch.matmul(mixed, self.latent_bias[:, :, None]).view(n, c_out) + self.expand_bias
             bias = latent_bias if bias is None else bias + latent_bias
+        elif self.expand_bias is not None:
+            shift = self.expand_bias.expand(n, -1)
+            bias = shift if bias is None else bias + shift
         k = self.kernel_size
         if n == 1:  # one sample: a plain convolution with its kernel
             if k == 1:

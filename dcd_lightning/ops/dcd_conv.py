@@ -191,6 +191,8 @@ class DCDConv2d(nn.Module):
             self.latent_norm_in = None
             self.latent_norm_out = None
         self._folded: FoldedDCD | None = None
+        # a following BatchNorm2d moved in by optimize_for_inference (folded with the layer's constants)
+        self.output_norm: nn.Module | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -358,6 +360,10 @@ class DCDConv2d(nn.Module):
             and folded.is_current()
         ):
             return folded.forward(x)
+        out = self._forward_plain(x)
+        return out if self.output_norm is None else self.output_norm(out)
+
+    def _forward_plain(self, x: Tensor) -> Tensor:
         lam, phi = self.coefficients(x)
         n = x.shape[0]
         h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
@@ -552,4 +558,5 @@ class DCDConv2d(nn.Module):
         """Slow reference: form each sample's W(x) and run an ordinary convolution with it."""
         self._check(x)
         kernels, biases = self.sample_kernels(x)
-        return per_sample_conv(x, kernels, biases, self.stride, self.padding, 1)
+        out = per_sample_conv(x, kernels, biases, self.stride, self.padding, 1)
+        return out if self.output_norm is None else self.output_norm(out)

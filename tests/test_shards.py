@@ -184,3 +184,14 @@ def test_corrupt_image_in_a_shard_is_named_or_skipped(shards: tuple[Path, Path],
         main(["fit", *args])
     with pytest.warns(UserWarning, match=rf"skipped unreadable image {relative}"):
         assert main(["fit", *args, "--data.init_args.skip_corrupt=true"]) == 0
+
+
+@pytest.mark.parametrize("module", ["ImageNetDataModule", "ImageNetShardsDataModule"])
+def test_both_imagenet_forms_name_a_bad_loader_argument(module: str) -> None:
+    import dcd_lightning.data as data
+
+    cls = getattr(data, module)
+    with pytest.raises(ValueError, match=rf"{module}: batch_size=0 is not allowed; expected an integer >= 1"):
+        cls(batch_size=0)
+    with pytest.raises(ValueError, match=rf"{module}: num_workers=-1 is not allowed; expected >= 0"):
+        cls(num_workers=-1)

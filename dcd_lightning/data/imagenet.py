@@ -38,6 +38,18 @@ def eval_transform(resize: int, crop: int, tensors: bool = False) -> transforms.
     ])
 
 
+def check_loader_args(
+    owner: str, batch_size: int, num_workers: int, num_classes: int, train_crop: int, eval_resize: int, eval_crop: int
+) -> None:
+    """Raise a ValueError naming `owner` and the argument for sizes < 1 or a negative worker count."""
+    for name, value in (("batch_size", batch_size), ("num_classes", num_classes), ("train_crop", train_crop),
+                        ("eval_resize", eval_resize), ("eval_crop", eval_crop)):
+        if value < 1:
+            raise ValueError(f"{owner}: {name}={value} is not allowed; expected an integer >= 1")
+    if num_workers < 0:
+        raise ValueError(f"{owner}: num_workers={num_workers} is not allowed; expected >= 0")
+
+
 class CorruptImageError(RuntimeError):
     """An image file that cannot be decoded."""
 
@@ -96,12 +108,7 @@ class ImageNetDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("num_classes", num_classes), ("train_crop", train_crop),
-                            ("eval_resize", eval_resize), ("eval_crop", eval_crop)):
-            if value < 1:
-                raise ValueError(f"ImageNetDataModule: {name}={value} is not allowed; expected an integer >= 1")
-        if num_workers < 0:
-            raise ValueError(f"ImageNetDataModule: num_workers={num_workers} is not allowed; expected >= 0")
+        check_loader_args(type(self).__name__, batch_size, num_workers, num_classes, train_crop, eval_resize, eval_crop)
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.input_size = eval_crop

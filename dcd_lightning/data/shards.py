@@ -29,7 +29,14 @@ import litdata
 import torch
 from PIL import Image
 
-from .imagenet import LAYOUT, CorruptImageError, collate_skipping_none, eval_transform, train_transform
+from .imagenet import (
+    LAYOUT,
+    CorruptImageError,
+    check_loader_args,
+    collate_skipping_none,
+    eval_transform,
+    train_transform,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "dcd-lightning ImageNet shards v1 (litdata)"
@@ -76,12 +83,18 @@ def read_text(url: str) -> str | None:
         import boto3
 
         bucket, _, key = url[5:].partition("/")
+        client = boto3.client("s3")
         try:
-            return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-        except boto3.client("s3").exceptions.NoSuchKey:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except client.exceptions.NoSuchKey:
             return None
     path = Path(url)
     return path.read_text() if path.exists() else None
+
+
+def _is_remote(url: str) -> bool:
+    """True for the object-store URLs litdata reads and writes itself."""
+    return url.startswith(("s3://", "gs://", "azure://"))
 
 
 def _join(base: str, name: str) -> str:
@@ -104,7 +117,7 @@ def make_shards(root: str | Path, out: str, workers: int = 1, chunk_bytes: str =
         raise ValueError(
             f"make-shards: {out} holds shards of another source or format; choose a new --out or delete it"
         )
-    if not out.startswith(("s3://", "gs://", "azure://")):
+    if not _is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         _, samples = _source_samples(root, split, classes)
@@ -138,14 +151,13 @@ def make_shards(root: str | Path, out: str, workers: int = 1, chunk_bytes: str =
 def _start_method(out: str) -> str | None:
     """fork for local output where the platform has it (workers start in milliseconds, not by
     re-importing torch); litdata's own choice (spawn) for remote output, which uploads from threads."""
-    remote = out.startswith(("s3://", "gs://", "azure://"))
-    return "fork" if not remote and "fork" in multiprocessing.get_all_start_methods() else None
+    return "fork" if not _is_remote(out) and "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _has_checkpoint(out: str, split: str) -> bool:
     """True when an interrupted litdata run left checkpoints for this split (a local folder only)."""
     folder = Path(_join(out, split))
-    return not out.startswith(("s3://", "gs://", "azure://")) and (folder / ".checkpoints").is_dir()
+    return not _is_remote(out) and (folder / ".checkpoints").is_dir()
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -229,12 +241,7 @@ class ImageNetShardsDataModule(L.LightningDataModule):
         decoder: str = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("num_classes", num_classes), ("train_crop", train_crop),
-                            ("eval_resize", eval_resize), ("eval_crop", eval_crop)):
-            if value < 1:
-                raise ValueError(f"ImageNetShardsDataModule: {name}={value} is not allowed; expected an integer >= 1")
-        if num_workers < 0:
-            raise ValueError(f"ImageNetShardsDataModule: num_workers={num_workers} is not allowed; expected >= 0")
+        check_loader_args(type(self).__name__, batch_size, num_workers, num_classes, train_crop, eval_resize, eval_crop)
         if decoder not in ("auto", "pil", "torchvision"):
             raise ValueError(
                 f"ImageNetShardsDataModule: decoder={decoder!r} is not allowed; expected 'auto', 'pil' or 'torchvision'"

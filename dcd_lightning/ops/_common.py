@@ -102,18 +102,8 @@ def batch_norm_affine(
     reads them off the batch and then applies each sample's kernel explicitly.
     """
     if norm.training or norm.running_mean is None:
-        mean = values.mean(dim=dims)
-        var = values.var(dim=dims, unbiased=False)
-    else:
-        mean = norm.running_mean
-        var = norm.running_var
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return scale, shift
+        return _affine(norm, values.mean(dim=dims), values.var(dim=dims, unbiased=False))
+    return running_affine(norm)
 
 
 def running_affine(norm: torch.nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -140,6 +130,7 @@ def affine_from_statistics(
 
 
 def _affine(norm: torch.nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with which `norm` maps values of this mean and (biased) variance."""
     scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight

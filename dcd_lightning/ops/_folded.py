@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import pool_input, running_affine
+from ._common import output_size, pool_input, running_affine
 
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
@@ -135,7 +135,7 @@ class FoldedDCD:
             out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding) * lam.view(n, c_out, 1, 1)
             return out if self.expand_bias is None else out + self.expand_bias.view(1, c_out, 1, 1)
         phi = coefficients[:, c_out if self.attention else 0 :].view(n, self.blocks, self.latent, self.latent)
-        h_out, w_out = (x.shape[2] - 1) // self.stride + 1, (x.shape[3] - 1) // self.stride + 1
+        h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
         if not self.route(h_out, w_out):
             return self._by_activations(x, lam, phi)
         if n == 1 and self.kernel_size == 1 and self.blocks == 1 and lam is not None:

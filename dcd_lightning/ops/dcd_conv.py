@@ -383,11 +383,15 @@ class DCDConv2d(nn.Module):
             return out + residual
         return torch.addcmul(residual, out, lam.view(n, -1, 1, 1))
 
+    def _project_latent(self, x: Tensor) -> Tensor:
+        """Q^T x for each block: (N, B * L, H_out, W_out), a strided grouped 1x1 convolution."""
+        q = self.compress.view(self.num_blocks * self.latent_dim, -1, 1, 1)
+        return F.conv2d(x, q, stride=self.stride, groups=self.num_blocks)
+
     def _residual_channel(self, x: Tensor, phi: Tensor) -> Tensor:
         """P Phi Q^T applied to the activations: Q (1x1, strided), Phi (batched matmul), P (1x1)."""
         n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
-        q = self.compress.view(blocks * latent, -1, 1, 1)
-        z = F.conv2d(x, q, stride=self.stride, groups=blocks)
+        z = self._project_latent(x)
         h, w = z.shape[-2:]
         z = z.reshape(n, blocks * latent, h * w)
         if self.latent_norm_in is not None:
@@ -443,7 +447,7 @@ class DCDConv2d(nn.Module):
     def _latent_affines_reference(self, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(A1, c1, A2, c2) as (B, L) each, read off the latent activations the residual produces."""
         n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
-        z = F.conv2d(x, self.compress.view(blocks * latent, -1, 1, 1), stride=self.stride, groups=blocks)
+        z = self._project_latent(x)
         z = z.flatten(2)
         scale1, shift1 = batch_norm_affine(z, self.latent_norm_in, (0, 2))
         z1 = z * scale1[:, None] + shift1[:, None]
@@ -467,7 +471,7 @@ class DCDConv2d(nn.Module):
         batch2 = norm2.training or norm2.running_mean is None
         if not (batch1 or batch2):
             return tuple(t.view(blocks, latent) for t in (*running_affine(norm1), *running_affine(norm2)))
-        z = F.conv2d(x, self.compress.view(blocks * latent, -1, 1, 1), stride=self.stride, groups=blocks)
+        z = self._project_latent(x)
         n, count = z.shape[0], z.shape[2] * z.shape[3]
         z = z.reshape(n, blocks * latent, count)
         mean_n = z.mean(dim=2)  # (N, BL)

@@ -188,7 +188,7 @@ def test_corrupt_image_in_a_shard_is_named_or_skipped(shards: tuple[Path, Path],
 
 @pytest.mark.parametrize("module", ["ImageNetDataModule", "ImageNetShardsDataModule"])
 def test_both_imagenet_forms_name_a_bad_loader_argument(module: str) -> None:
-    import dcd_lightning.data as data
+    from dcd_lightning import data
 
     cls = getattr(data, module)
     with pytest.raises(ValueError, match=rf"{module}: batch_size=0 is not allowed; expected an integer >= 1"):

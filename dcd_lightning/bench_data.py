@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--folder", help="an existing ImageFolder tree to read instead of a generated one")
     args = parser.parse_args(argv)
+    if not args.folder and args.images < 2 * args.batch_size:
+        parser.error(f"--images {args.images} gives fewer than 2 batches of {args.batch_size}; the first batch is "
+                     f"not timed, so use --images >= {2 * args.batch_size} or a smaller --batch-size")
     from .data.imagenet import ImageNetDataModule
     from .data.shards import ImageNetShardsDataModule, make_shards
 

@@ -3,8 +3,10 @@
     python -m dcd_lightning bench [--part latency,train,memory] [--rounds 10] [--batch-size 32]
 
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
-    its static model round by round, after optimize_for_inference (which folds the DCD layers'
-    eval-mode constants and leaves the other layers alone); medians and ratios.
+    its static model round by round, after optimize_for_inference on both (batch norms folded into
+    the convolutions before them; DCD layers' constants folded, one sample through the C kernel of
+    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it);
+    medians and ratios.
 (b) train: one training step (forward, backward, SGD step) at a realistic batch, ratio to static.
 (c) memory: peak memory of two training steps, ratio to static. On the CPU each model runs in a
     child process and the figure is its peak resident memory (Linux VmHWM, reset before the model
@@ -28,6 +30,7 @@ import torch
 from .bench_ops import machine
 from .inference import optimize_for_inference
 from .models import create_model
+from .ops._native import compiler, library
 
 GROUPS = {
     "mobilenetv2_x1.0": ["dcd", "dyconv", "condconv"],
@@ -59,7 +62,10 @@ def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]
     try:
         x = torch.randn(1, 3, 224, 224)
         for prefix, kinds in groups.items():
-            models = {kind: optimize_for_inference(create_model(f"{prefix}_{kind}")) for kind in ["static", *kinds]}
+            built = {kind: create_model(f"{prefix}_{kind}") for kind in ["static", *kinds]}
+            models = {kind: optimize_for_inference(model) for kind, model in built.items()}
+            if "dcd" in built and library() is not None:  # the same model without the C kernel, beside it
+                models["dcd (PyTorch calls)"] = optimize_for_inference(built["dcd"], native=False)
 
             def runner(model: torch.nn.Module) -> Callable[[], object]:
                 def run() -> object:
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part or model group: {sorted(unknown) or args.train_group}")
     print(f"machine: {machine()}; device {args.device}\n")
     if "latency" in parts:
+        kernel = f"built with {compiler()}" if library() is not None else "not available (PyTorch calls only)"
+        print(f"batch-1 C kernel of folded DCD layers (ops/_native.c): {kernel}\n")
         groups = {g: GROUPS[g] for g in args.models.split(",")}
         _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, args.rounds), "ms", "ms")
     kinds = GROUPS[args.train_group]

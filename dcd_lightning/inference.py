@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True) -> nn.Module:
+def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, native: bool = True) -> nn.Module:
     """Return `model` for inference: eval mode, each DCD layer's eval-mode constants folded.
 
     Outputs are unchanged (to rounding). Each DCD layer's latent batch norms, gate range and the
@@ -20,6 +20,11 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True) -> n
     structure, so the model is copied first and the argument is left as it was. Call it again after
     changing the weights; .train() on the result drops the DCD folds (its folded batch norms stay
     folded: train the original).
+
+    With `native` (default), a folded layer given one sample on the CPU runs its branch and kernel
+    formation in one call of a small C kernel (ops/_native.c, compiled on first use with the
+    system's C compiler and cached; without a compiler, or with DCD_LIGHTNING_NATIVE=0, the layers
+    use PyTorch calls, with the same results).
     """
     if fold_batch_norms:
         model = copy.deepcopy(model).eval()
@@ -30,7 +35,7 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True) -> n
     for module in model.modules():
         fold = getattr(module, "fold_for_inference", None)
         if callable(fold):
-            fold()
+            fold(native=native)
     return model
 
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import output_size, pool_input, running_affine
+from . import _native
+from ._common import exporting, output_size, pool_input, pooling_matrix, running_affine
 
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
@@ -35,6 +36,23 @@ def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> 
     return kernel.reshape(n, out_channels, in_channels)
 
 
+# at batch 1 one more PyTorch call costs about as much as this many multiply-adds on a CPU (a few
+# microseconds); forms_kernel weighs the activation route's extra calls with it
+CALL_MADDS = 50_000
+# writing one element of a formed kernel (a pass over W0, in and out of memory) costs about as much
+# as this many multiply-adds of a matrix product
+ELEMENT_MADDS = 4
+# layers whose residual product P (Phi' Q1) exceeds this leave it to torch.addmm (an optimised
+# matrix product) instead of the C kernel's plain loops
+C_PRODUCT_MADDS = 100_000
+
+
+def tracing() -> bool:
+    """True while a graph is being recorded (jit.trace, ONNX, torch.export): calls into C would be
+    recorded as constants there, so the PyTorch path runs instead."""
+    return torch.jit.is_tracing() or exporting()
+
+
 def layer_tensors(layer: nn.Module) -> list[Tensor]:
     """Every parameter and buffer a fold depends on (their versions tell when it is stale)."""
     return [*layer.parameters(), *(b for b in layer.buffers() if b.dtype.is_floating_point)]
@@ -47,11 +65,24 @@ def tensors_version(tensors: list[Tensor]) -> tuple[int, ...]:
 class FoldedDCD:
     """Folded constants of one eval-mode DCDConv2d (channel fusion or Lambda alone) and its forward."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, native: bool = True) -> None:
         with torch.no_grad():
             self._build(layer)
+        self.use_native = native
+        self._prepare_native()
         self.sources = layer_tensors(layer)
         self.version = tensors_version(self.sources)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the C kernel's handle out (ctypes objects do not copy); the
+        copy points the kernel at its own tensors again."""
+        state = dict(self.__dict__)
+        state["native"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._prepare_native()
 
     def is_current(self) -> bool:
         """True while no parameter or buffer the fold was built from has been changed in place."""
@@ -128,6 +159,12 @@ class FoldedDCD:
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
+        if n == 1 and self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous() and not tracing():
+            return self._one_sample_native(x)
+        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
+            h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
+            if self.route(h_out, w_out):
+                return self._one_sample_1x1(x)
         coefficients = self.coefficients(x)
         c_out = self.out_channels
         lam = self.gate(coefficients[:, :c_out]) if self.attention else None
@@ -138,19 +175,108 @@ class FoldedDCD:
         h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
         if not self.route(h_out, w_out):
             return self._by_activations(x, lam, phi)
-        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and lam is not None:
-            return self._one_sample_1x1(x, lam[0], phi[0, 0])
         return self._by_kernel(x, lam, phi)
 
-    def _one_sample_1x1(self, x: Tensor, lam: Tensor, phi: Tensor) -> Tensor:
-        """The common case at batch 1 in a few matrix products: W = lam W0' + (P Phi') Q1, one conv."""
-        c_out, c_in = self.out_channels, self.in_channels
+    # -- one sample ---------------------------------------------------------------------------
+
+    def _prepare_native(self) -> None:
+        """Point the C kernel (ops/_native.c) at this fold's tensors, where it applies: channel
+        fusion in one block, on the CPU, in float32 or float64, with the kernel built."""
+        self.native = None
+        if not (self.use_native and self.fusion and self.blocks == 1 and self.weight.device.type == "cpu"):
+            return
+        function_name = _native.FUNCTIONS.get(self.weight.dtype)
+        library = _native.library() if function_name else None
+        if library is None:
+            return
+        tensors = {
+            "fc_t": self.fc_weight.t(),  # the C kernel takes the branch's matrices input-major
+            "se_t": None if self.se_weight is None else self.se_weight.t(),
+            "head_t": self.head_weight.t(),
+            "head_bias": self.head_bias,
+            "weight": self.weight,
+            "bias": self.bias,
+            "expand": self.expand[0],
+            "compress": self.compress[0],
+            "latent_bias": None if self.latent_bias is None else self.latent_bias[0],
+            "expand_bias": self.expand_bias,
+        }
+        kept = {name: None if t is None else t.detach().contiguous() for name, t in tensors.items()}
+        if any(t is not None and t.dtype != self.weight.dtype for t in kept.values()):
+            return
+        layer = _native.Layer(
+            c_in=self.in_channels,
+            c_out=self.out_channels,
+            latent=self.latent,
+            hidden=self.fc_weight.shape[0],
+            kernel_size=self.kernel_size,
+            pool=self.pool_size,
+            attention=int(self.attention),
+            hard_gate=int(self.gate is F.hardsigmoid),
+            **{name: None if t is None else t.data_ptr() for name, t in kept.items()},
+        )
+        self.native = (getattr(library, function_name), layer, kept)  # kept: the tensors it points to
+
+    def forms_kernel(self, height: int, width: int) -> bool:
+        """At batch 1: form the sample's kernel, or apply P Phi' Q1 to the activations (with the C
+        kernel's coefficients)? By MAdds, counting each extra call of the activation route (four:
+        two convolutions, a product, the output's scaling) as CALL_MADDS and each element of the
+        formed kernel (a pass over W0) as ELEMENT_MADDS."""
+        h_out, w_out = output_size(height, width, self.stride)
+        c_in, c_out, latent = self.in_channels, self.out_channels, self.latent
+        form = latent * latent * c_in + c_out * latent * c_in + ELEMENT_MADDS * c_out * c_in * self.kernel_size**2
+        apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out) + 4 * CALL_MADDS
+        return form <= apply
+
+    def _one_sample_native(self, x: Tensor) -> Tensor:
+        """One sample through the C kernel: branch and kernel in one call, then one convolution
+        (or the activation route with the C kernel's coefficients, see forms_kernel). For the
+        larger 1x1 kernels the C kernel leaves the product P (Phi' Q1) to torch.addmm."""
+        function, layer, _ = self.native
+        h, w = x.shape[2], x.shape[3]
+        c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
+        if self.forms_kernel(h, w):
+            kernel = x.new_empty(self.weight.shape)
+            bias = x.new_empty(c_out)
+            product = x.new_empty(latent, c_in) if c_out * latent * c_in > C_PRODUCT_MADDS else None
+            if function(layer, x.data_ptr(), h, w, kernel.data_ptr(), bias.data_ptr(), None,
+                        None if product is None else product.data_ptr()):
+                raise MemoryError("DCD C kernel: out of memory for its scratch space")
+            if product is not None:  # the residual's 1x1 kernel P (Phi' Q1), at the centre tap
+                centre = self.kernel_size // 2
+                kernel[:, :, centre, centre].addmm_(self.expand[0], product)
+            return F.conv2d(x, kernel, bias, self.stride, self.padding)
+        n_att = c_out if self.attention else 0
+        coefficients = x.new_empty(1, n_att + latent * latent)
+        if function(layer, x.data_ptr(), h, w, None, None, coefficients.data_ptr(), None):
+            raise MemoryError("DCD C kernel: out of memory for its scratch space")
+        lam = coefficients[:, :n_att] if self.attention else None
+        return self._by_activations(x, lam, coefficients[:, n_att:].view(1, 1, latent, latent))
+
+    def _one_sample_1x1(self, x: Tensor) -> Tensor:
+        """One sample of a 1x1 layer in PyTorch calls (where the C kernel is not available): the
+        branch on 1-d vectors, W = lam W0' + (P Phi') Q1 and its bias, then one convolution."""
+        c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
+        pixels = x.reshape(c_in, -1)  # a view in both memory formats
+        pooled = torch.mm(pixels, pooling_matrix(x.shape[2], x.shape[3], self.pool_size, x.dtype, x.device))
+        hidden = torch.mv(self.fc_weight, pooled.view(-1))
+        if self.se_weight is None:
+            hidden = torch.relu(hidden)
+        else:
+            hidden = hidden * F.hardsigmoid(torch.mv(self.se_weight, hidden))
+        coefficients = torch.addmv(self.head_bias, self.head_weight, hidden)
+        phi = coefficients[c_out:].view(latent, latent) if self.attention else coefficients.view(latent, latent)
         mixed = torch.mm(self.expand[0], phi)
-        kernel = torch.addmm(self.weight.view(c_out, c_in) * lam[:, None], mixed, self.compress[0])
-        bias = None if self.bias is None else lam * self.bias
+        static = self.weight.view(c_out, c_in)
+        if self.attention:
+            lam = self.gate(coefficients[:c_out])
+            kernel = torch.mul(static, lam[:, None]).addmm_(mixed, self.compress[0])  # one pass over W0
+        else:
+            kernel = torch.addmm(static, mixed, self.compress[0])
+        bias = None if self.bias is None else (lam * self.bias if self.attention else self.bias)
         if self.latent_bias is not None:
-            latent = torch.addmv(self.expand_bias, mixed, self.latent_bias[0])
-            bias = latent if bias is None else bias + latent
+            latent_bias = torch.addmv(self.expand_bias, mixed, self.latent_bias[0])
+            bias = latent_bias if bias is None else bias + latent_bias
         elif self.expand_bias is not None:
             bias = self.expand_bias if bias is None else bias + self.expand_bias
         return F.conv2d(x, kernel.view(c_out, c_in, 1, 1), bias, self.stride)

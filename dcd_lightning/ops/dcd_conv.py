@@ -325,16 +325,17 @@ class DCDConv2d(nn.Module):
 
     # -- inference form ------------------------------------------------------------------------
 
-    def fold_for_inference(self) -> bool:
+    def fold_for_inference(self, native: bool = True) -> bool:
         """Fold the eval-mode constants (latent norms, gate range, both heads in one linear layer).
 
         The fold is used by forward() in eval mode with gradients off (torch.no_grad or
         torch.inference_mode) and gives the same outputs as the unfolded layer; changing a parameter
         or buffer in place, moving the layer, or calling .train() makes forward() stop using it.
         Under torch.compile the plain path is traced (no graph breaks; the compiler fuses it).
-        Returns False where there is nothing to fold (joint fusion).
+        With `native` (default), one sample on the CPU runs through the C kernel of ops/_native.c
+        where it can be built. Returns False where there is nothing to fold (joint fusion).
         """
-        self._folded = FoldedDCD(self) if self.fusion == "channel" else None
+        self._folded = FoldedDCD(self, native) if self.fusion == "channel" else None
         return self._folded is not None
 
     def train(self, mode: bool = True) -> DCDConv2d:

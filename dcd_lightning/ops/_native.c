@@ -1,0 +1,199 @@
+/* One sample of a folded, eval-mode DCD layer (channel fusion, one block): the dynamic branch and
+ * the sample's kernel in a single call.
+ *
+ * At batch 1 on a CPU each PyTorch call costs microseconds, and the branch plus the kernel
+ * formation take a dozen of them per layer, which is more than the layer's arithmetic. This file
+ * does the arithmetic of FoldedDCD._one_sample_1x1 (ops/_folded.py) in plain loops:
+ *
+ *     pooled  = adaptive average pool of x to pool x pool cells, flattened (c, i, j)
+ *     hidden  = fc pooled;  hidden = relu(hidden)  or  hidden * hardsigmoid(se hidden)
+ *     coef    = head hidden + head_bias          (Lambda logits, then Phi' = A2 Phi + I)
+ *     lam     = gate(coef[:c_out])               (1 without channel attention)
+ *     kernel  = lam W0' + P (Phi' Q1)            (added at the centre tap of a k x k kernel)
+ *     bias    = lam b0 + P (Phi' c1) + P c2
+ *
+ * and returns kernel and bias for one ordinary convolution; or, with kernel = NULL, only the gated
+ * coefficients (lam, then Phi') for the activation route. Given t_out, it writes t = Phi' Q1
+ * there and leaves P t out of the kernel, for the caller to add with one optimised matrix product
+ * (the larger layers, where that product is most of the work). Matrices are row-major and contiguous;
+ * the three branch matrices come transposed (input-major), so every product here is a sum of
+ * scaled rows (vector operations, no horizontal sums); x is one sample (c_in, h, w).
+ *
+ * Built at first use by ops/_native.py with -fopenmp-simd (vectorisation hints only: no threads
+ * are started); the PyTorch path stays where no C compiler is found. The file includes itself
+ * once per floating-point type: the part below the #else is the body, written for a type T.
+ */
+
+#ifndef T
+
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+    long c_in, c_out, latent, hidden, kernel_size, pool;
+    long attention;  /* 1: channel attention (Lambda) present */
+    long hard_gate;  /* 1: hard sigmoid gate, 0: sigmoid */
+    const void *fc_t;         /* fc weight transposed: (c_in pool^2) x hidden */
+    const void *se_t;         /* squeeze-excite weight transposed: hidden x hidden, or NULL (ReLU) */
+    const void *head_t;       /* both heads transposed: hidden x (attention c_out + L^2) */
+    const void *head_bias;    /* attention c_out + L^2 */
+    const void *weight;       /* W0': c_out x c_in x k x k, gate range folded in */
+    const void *bias;         /* b0: c_out, or NULL */
+    const void *expand;       /* P: c_out x L */
+    const void *compress;     /* Q1: L x c_in */
+    const void *latent_bias;  /* c1: L, or NULL */
+    const void *expand_bias;  /* P c2 (+ a folded norm's shift): c_out, or NULL */
+} dcd_layer;
+
+#define T float
+#define NAME(name) name##_f32
+#include "_native.c"
+#undef T
+#undef NAME
+
+#define T double
+#define NAME(name) name##_f64
+#include "_native.c"
+#undef T
+#undef NAME
+
+#else /* the body, for one type T */
+
+/* sum of n contiguous values */
+static T NAME(sum)(const T *values, long n) {
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (long i = 0; i < n; ++i) total += values[i];
+    return total;
+}
+
+/* out[:n] = scale base[:n] (or 0) + sum_j coefs[j] rows[j, :n], rows j at rows + j ld: every
+   product here is this sum of scaled rows. The output is built in blocks of 64 (then 16) values
+   with constant trip counts, which the compiler keeps in vector registers: each row is added
+   into registers, not into memory. */
+static void NAME(combine)(T *out, long n, const T *base, T scale, const T *coefs, const T *rows, long count,
+                          long ld) {
+    long i0 = 0;
+    for (; i0 + 64 <= n; i0 += 64) {
+        T acc[64];
+        for (int i = 0; i < 64; ++i) acc[i] = base ? scale * base[i0 + i] : 0;
+        for (long j = 0; j < count; ++j) {
+            const T c = coefs[j], *row = rows + j * ld + i0;
+            for (int i = 0; i < 64; ++i) acc[i] += c * row[i];
+        }
+        for (int i = 0; i < 64; ++i) out[i0 + i] = acc[i];
+    }
+    for (; i0 + 16 <= n; i0 += 16) {
+        T acc[16];
+        for (int i = 0; i < 16; ++i) acc[i] = base ? scale * base[i0 + i] : 0;
+        for (long j = 0; j < count; ++j) {
+            const T c = coefs[j], *row = rows + j * ld + i0;
+            for (int i = 0; i < 16; ++i) acc[i] += c * row[i];
+        }
+        for (int i = 0; i < 16; ++i) out[i0 + i] = acc[i];
+    }
+    if (i0 < n) { /* fewer than 16 left */
+        const long len = n - i0;
+        T acc[16];
+        for (long i = 0; i < len; ++i) acc[i] = base ? scale * base[i0 + i] : 0;
+        for (long j = 0; j < count; ++j) {
+            const T c = coefs[j], *row = rows + j * ld + i0;
+            for (long i = 0; i < len; ++i) acc[i] += c * row[i];
+        }
+        for (long i = 0; i < len; ++i) out[i0 + i] = acc[i];
+    }
+}
+
+static T NAME(hardsigmoid)(T v) { return v <= -3 ? 0 : (v >= 3 ? 1 : v / 6 + (T)0.5); }
+
+/* adaptive average pooling of one (h, w) plane to pool x pool cells: cell i along a side of
+   length s is [floor(i s / p), ceil((i + 1) s / p)); the rows of a band of cells are first
+   added into one row (vector adds along w), then each cell's columns of it are summed */
+static void NAME(pool_plane)(const T *plane, long h, long w, long pool, T *band, T *out) {
+    if (pool == 1) {
+        out[0] = NAME(sum)(plane, h * w) / (T)(h * w);
+        return;
+    }
+    for (long i = 0; i < pool; ++i) {
+        const long r0 = i * h / pool, r1 = ((i + 1) * h + pool - 1) / pool;
+        for (long col = 0; col < w; ++col) band[col] = plane[r0 * w + col];
+        for (long r = r0 + 1; r < r1; ++r) {
+            const T *row = plane + r * w;
+#pragma omp simd
+            for (long col = 0; col < w; ++col) band[col] += row[col];
+        }
+        for (long j = 0; j < pool; ++j) {
+            const long c0 = j * w / pool, c1 = ((j + 1) * w + pool - 1) / pool;
+            out[i * pool + j] = NAME(sum)(band + c0, c1 - c0) / (T)((r1 - r0) * (c1 - c0));
+        }
+    }
+}
+
+int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out,
+                         T *coef_out, T *t_out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
+    const long hidden = layer->hidden, pool = layer->pool, k = layer->kernel_size;
+    const long taps = k * k, centre = (k / 2) * k + k / 2;
+    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+    const long n_pooled = c_in * pool * pool;
+    T *scratch = malloc(sizeof(T) * (n_pooled + 2 * hidden + n_coef + latent * (c_in + 1) + c_in + w));
+    if (!scratch) return 1;
+    T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden, *coef = se + hidden;
+    T *t = t_out ? t_out : coef + n_coef, *v = coef + n_coef + latent * c_in, *row = v + latent;
+    T *band = row + c_in;
+
+    for (long c = 0; c < c_in; ++c) NAME(pool_plane)(x + c * h * w, h, w, pool, band, pooled + c * pool * pool);
+
+    NAME(combine)(hid, hidden, NULL, 1, pooled, (const T *)layer->fc_t, n_pooled, hidden);
+    if (layer->se_t) {
+        NAME(combine)(se, hidden, NULL, 1, hid, (const T *)layer->se_t, hidden, hidden);
+        for (long i = 0; i < hidden; ++i) hid[i] *= NAME(hardsigmoid)(se[i]);
+    } else {
+        for (long i = 0; i < hidden; ++i) hid[i] = hid[i] > 0 ? hid[i] : 0;
+    }
+    NAME(combine)(coef, n_coef, (const T *)layer->head_bias, 1, hid, (const T *)layer->head_t, hidden, n_coef);
+    for (long o = 0; o < n_att; ++o)
+        coef[o] = layer->hard_gate ? NAME(hardsigmoid)(coef[o]) : (T)1 / ((T)1 + (T)exp(-(double)coef[o]));
+    if (coef_out)
+        for (long i = 0; i < n_coef; ++i) coef_out[i] = coef[i];
+    if (!kernel) {
+        free(scratch);
+        return 0;
+    }
+
+    /* with t = Phi' Q1 (L x c_in) and v = Phi' c1, per output channel o:
+       kernel[o] = lam W0'[o] + P[o] t (at the centre tap of a k x k kernel),
+       bias[o] = lam b0[o] + P[o] v + (P c2)[o] */
+    const T *phi = coef + n_att, *expand = (const T *)layer->expand, *compress = (const T *)layer->compress;
+    const T *b0 = (const T *)layer->bias, *c1 = (const T *)layer->latent_bias, *c2 = (const T *)layer->expand_bias;
+    const T *weight = (const T *)layer->weight;
+    for (long a = 0; a < latent; ++a) {
+        NAME(combine)(t + a * c_in, c_in, NULL, 1, phi + a * latent, compress, latent, c_in);
+        v[a] = 0;
+        if (c1)
+            for (long b = 0; b < latent; ++b) v[a] += phi[a * latent + b] * c1[b];
+    }
+    for (long o = 0; o < c_out; ++o) {
+        const T lam = n_att ? coef[o] : (T)1;
+        const T *p = expand + o * latent, *w0 = weight + o * c_in * taps;
+        T *out = kernel + o * c_in * taps;
+        if (t_out) { /* the caller adds P t (one optimised matrix product) */
+#pragma omp simd
+            for (long i = 0; i < c_in * taps; ++i) out[i] = lam * w0[i];
+        } else if (taps == 1) {
+            NAME(combine)(out, c_in, w0, lam, p, t, latent, c_in);
+        } else { /* the 1x1 residual row, then into the centre taps */
+#pragma omp simd
+            for (long i = 0; i < c_in * taps; ++i) out[i] = lam * w0[i];
+            NAME(combine)(row, c_in, NULL, 1, p, t, latent, c_in);
+            for (long i = 0; i < c_in; ++i) out[i * taps + centre] += row[i];
+        }
+        T value = b0 ? lam * b0[o] : 0;
+        for (long a = 0; a < latent; ++a) value += p[a] * v[a];
+        bias_out[o] = c2 ? value + c2[o] : value;
+    }
+    free(scratch);
+    return 0;
+}
+
+#endif

@@ -1,0 +1,130 @@
+"""The C kernel of _native.c: one sample of a folded DCD layer's branch and kernel in one call.
+
+`library()` compiles _native.c with the system's C compiler on first use (about a second) into a
+per-user cache and loads it with ctypes; later runs load the cached build. It returns None, and
+the folded layers keep their PyTorch path, where that is not possible: no C compiler, a failed
+build (a warning says why), or DCD_LIGHTNING_NATIVE=0 in the environment. Plain C with no
+PyTorch headers, so the build needs nothing but a compiler.
+
+The build is for this CPU (-march=native); the cache key includes the source, the flags, the
+compiler and the CPU's identity, so a cache shared between different machines (a network home)
+never hands one machine another's build. DCD_LIGHTNING_CACHE moves the cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_native.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+FUNCTIONS = {torch.float32: "dcd_one_sample_f32", torch.float64: "dcd_one_sample_f64"}
+
+
+class Layer(ctypes.Structure):
+    """The C struct dcd_layer: a folded layer's sizes and its tensors' addresses."""
+
+    _fields_ = [
+        *((name, ctypes.c_long) for name in ("c_in", "c_out", "latent", "hidden", "kernel_size", "pool")),
+        ("attention", ctypes.c_long),
+        ("hard_gate", ctypes.c_long),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "fc_t", "se_t", "head_t", "head_bias", "weight", "bias",
+                "expand", "compress", "latent_bias", "expand_bias",
+            )
+        ),
+    ]
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first use), or None where it is disabled or cannot be built."""
+    if "library" not in _state:
+        with _lock:
+            if "library" not in _state:
+                _state["library"] = _load()
+    return _state["library"]  # type: ignore[return-value]
+
+
+def enabled() -> bool:
+    return os.environ.get("DCD_LIGHTNING_NATIVE", "1") != "0"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else cc, gcc or clang on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("DCD_LIGHTNING_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcd_lightning"
+
+
+def _cpu_identity() -> str:
+    """What distinguishes one CPU's -march=native build from another's."""
+    parts = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    parts.append(line.strip())
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def _load() -> ctypes.CDLL | None:
+    if not enabled():
+        return None
+    cc = compiler()
+    if cc is None:
+        return None
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(), _cpu_identity().encode()])
+    ).hexdigest()[:20]
+    path = cache_dir() / f"dcd_native_{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                built = Path(tmp) / path.name
+                result = subprocess.run(
+                    [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True, check=False
+                )
+                if result.returncode:
+                    raise RuntimeError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
+                os.replace(built, path)  # atomic: processes building at once each install a whole file
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(
+            f"dcd_lightning: the C kernel for batch-1 DCD inference could not be built or loaded ({error}); "
+            "folded DCD layers use their PyTorch path (same results, slower at batch 1). "
+            "Set DCD_LIGHTNING_NATIVE=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    for name in FUNCTIONS.values():
+        function = getattr(lib, name)
+        function.argtypes = [ctypes.POINTER(Layer), *[ctypes.c_void_p], ctypes.c_long, ctypes.c_long, *[ctypes.c_void_p] * 4]
+        function.restype = ctypes.c_int
+    return lib

@@ -1,0 +1,223 @@
+"""The batch-1 C kernel of folded DCD layers (ops/_native.c) and the branch's pooling.
+
+Every route of the kernel is held to the per-sample-kernel reference in float64; the PyTorch path
+that replaces it (no compiler, DCD_LIGHTNING_NATIVE=0, tracing) is held to the same reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ops import CIN, CONV_VARIANTS, LINEAR_VARIANTS, assert_close_relative, randomise
+from test_ops import float64  # noqa: F401  (autouse: float64 by default, as in test_ops)
+
+from dcd_lightning import create_model, optimize_for_inference
+from dcd_lightning.ops import DCDConv2d, _folded, _native
+from dcd_lightning.ops._common import pool_input
+
+NATIVE = sorted(
+    n
+    for n in CONV_VARIANTS
+    if n.startswith(("dcd_1x1", "dcd_3x3", "release")) and not any(k in n for k in ("joint", "blocks", "attention_only"))
+)  # channel fusion in one block: what the kernel covers
+HAS_COMPILER = _native.compiler() is not None
+
+
+@pytest.fixture
+def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The kernel library state forgotten, and its cache in a temporary folder (restored after)."""
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("DCD_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("pool", [1, 2, 3])
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (13, 6), (14, 14)])
+def test_pool_input_equals_adaptive_average_pooling(size: tuple[int, int], pool: int, channels_last: bool) -> None:
+    """The branch's pooling (one product with an averaging matrix) is adaptive_avg_pool2d's, with
+    overlapping cells where the size does not divide, in values and gradients."""
+    x = torch.randn(3, 5, *size, generator=torch.Generator().manual_seed(pool))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(3, 5 * pool * pool, generator=torch.Generator().manual_seed(9))
+    results = []
+    for pooling in (lambda t: pool_input(t, pool), lambda t: F.adaptive_avg_pool2d(t, pool).flatten(1)):
+        inp = x.detach().clone().requires_grad_(True)
+        out = pooling(inp)
+        (out * weights).sum().backward()
+        results.append((out.detach(), inp.grad))
+    assert_close_relative(results[0][0], results[1][0], 1e-12)
+    assert_close_relative(results[0][1], results[1][1], 1e-12)
+
+
+def test_the_kernel_builds_where_a_compiler_is() -> None:
+    """CI and this project's machines have a C compiler: there the kernel must build and load."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine: folded layers use their PyTorch path")
+    assert _native.enabled() and _native.library() is not None
+
+
+def _folded_layer(name: str, stride: int, seed: int = 0) -> DCDConv2d:
+    module = optimize_for_inference(randomise(CONV_VARIANTS[name](stride), seed))
+    assert module.fold_for_inference()
+    return module
+
+
+@pytest.mark.parametrize("route", ["form_in_c", "form_with_addmm", "activations"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", NATIVE)
+def test_native_one_sample_equals_reference(
+    name: str, stride: int, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of the kernel's routes at batch 1 == the per-sample-kernel reference (float64):
+    kernel formed in C, formed in C with P (Phi' Q1) added by torch.addmm, and the coefficients
+    alone for the activation route; also with a following batch norm folded in."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(_folded.FoldedDCD, "forms_kernel", lambda self, h, w: route != "activations")
+    monkeypatch.setattr(_folded, "C_PRODUCT_MADDS", 0 if route == "form_with_addmm" else 10**12)
+    module = _folded_layer(name, stride)
+    assert module._folded.native is not None
+    calls = []
+    native = module._folded._one_sample_native
+    monkeypatch.setattr(module._folded, "_one_sample_native", lambda x: calls.append(1) or native(x))
+    for size in (7, 8, 16):
+        x = torch.randn(1, CIN, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+    assert len(calls) == 3  # the C kernel ran, not a fallback
+    module.output_norm = randomise(torch.nn.BatchNorm2d(module.out_channels), seed=7).eval()
+    x = torch.randn(1, CIN, 9, 9, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = module.reference_forward(x)  # the reference applies output_norm too
+        module.fold_for_inference()
+        assert_close_relative(module(x), expected, 1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", NATIVE)
+def test_pytorch_one_sample_equals_reference(name: str, stride: int) -> None:
+    """The path that stands in for the kernel (native=False, or no compiler) at batch 1."""
+    module = optimize_for_inference(randomise(CONV_VARIANTS[name](stride)), native=False)
+    assert module._folded.native is None
+    for size in (7, 8, 16):
+        x = torch.randn(1, CIN, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in LINEAR_VARIANTS if n.startswith(("dcd", "release"))))
+def test_native_linear_equals_reference(name: str) -> None:
+    module = optimize_for_inference(randomise(LINEAR_VARIANTS[name]()))
+    x = torch.randn(1, CIN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+
+
+def test_float32_kernel_matches_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 (the type models run in) through the C kernel and through PyTorch calls agree."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    torch.set_default_dtype(torch.float32)
+    module = randomise(create_model("mobilenetv2_x0.35_dcd"), seed=3).eval()
+    native = optimize_for_inference(module)
+    plain = optimize_for_inference(module)
+    for layer in plain.modules():
+        if isinstance(layer, DCDConv2d) and layer._folded is not None:
+            assert layer._folded.native is not None
+            layer._folded.native = None
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close_relative(native(x), plain(x), 1e-4)
+        assert_close_relative(native(x), module(x), 1e-4)
+
+
+def test_disabled_or_missing_compiler_falls_back(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCD_LIGHTNING_NATIVE=0, or no compiler, leaves the PyTorch path, with the same results."""
+    monkeypatch.setenv("DCD_LIGHTNING_NATIVE", "0")
+    module = _folded_layer("release_mobilenetv2_expand_kernel", 1)
+    assert module._folded.native is None
+    x = torch.randn(1, CIN, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.delenv("DCD_LIGHTNING_NATIVE")
+    monkeypatch.setattr(_native, "compiler", lambda: None)
+    assert _native.library() is None
+    assert not fresh_library.exists()
+
+
+def test_failed_build_warns_and_falls_back(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` command to stand in for a failing compiler")
+    monkeypatch.setenv("CC", false)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert _native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.library() is None  # decided once per process: no second attempt, no warning
+
+
+def test_build_is_cached_per_source_and_machine(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    assert _native.library() is not None
+    builds = list(fresh_library.glob("dcd_native_*.so"))
+    assert len(builds) == 1
+    attempts = []
+
+    def failing_compiler(command, **kwargs):
+        attempts.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "no compiler here")
+
+    monkeypatch.setattr(_native.subprocess, "run", failing_compiler)
+    monkeypatch.setattr(_native, "_state", {})  # a later process: loads the cached build
+    assert _native.library() is not None and not attempts
+    monkeypatch.setattr(_native, "_state", {})  # another CPU: its own build, not this one's
+    monkeypatch.setattr(_native, "_cpu_identity", lambda: "another cpu")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert _native.library() is None
+    assert len(attempts) == 1
+
+
+def test_copies_and_pickles_keep_the_kernel() -> None:
+    """deepcopy / torch.save of an optimised model: the copy points the kernel at its own tensors."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    model = optimize_for_inference(randomise(create_model("mobilenetv2_x0.35_dcd"), seed=1).eval())
+    copied = copy.deepcopy(model)
+    layers = [m for m in copied.modules() if isinstance(m, DCDConv2d) and m._folded is not None]
+    assert layers and all(m._folded.native is not None for m in layers)
+    original = next(m for m in model.modules() if isinstance(m, DCDConv2d))
+    assert layers[0]._folded.native[2]["weight"].data_ptr() != original._folded.native[2]["weight"].data_ptr()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close_relative(copied(x), model(x), 1e-12)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert_close_relative(loaded(x), model(x), 1e-10)
+
+
+def test_traced_graph_does_not_bake_the_sample_in() -> None:
+    """Tracing a folded model records PyTorch calls, not the C kernel's result for the traced input."""
+    model = optimize_for_inference(randomise(create_model("mobilenetv2_x0.35_dcd"), seed=2).eval())
+    traced_input = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated; it still traces
+        traced = torch.jit.trace(model, traced_input, check_trace=False)
+        assert_close_relative(traced(other), model(other), 1e-10)

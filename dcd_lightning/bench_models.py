@@ -1,18 +1,20 @@
 """`python -m dcd_lightning bench`: whole-model cost of the dynamic models against their static ones.
 
-    python -m dcd_lightning bench [--part latency,train,memory] [--rounds 10] [--batch-size 32]
+    python -m dcd_lightning bench [--part latency,train,memory] [--rounds 10] [--latency-rounds 30]
+                                  [--batch-size 32]
 
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round, after optimize_for_inference on both (batch norms folded into
     the convolutions before them; DCD layers' constants folded, one sample through the C kernel of
-    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it);
-    medians and ratios.
+    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it).
 (b) train: one training step (forward, backward, SGD step) at a realistic batch, ratio to static.
 (c) memory: peak memory of two training steps, ratio to static. On the CPU each model runs in a
     child process and the figure is its peak resident memory (Linux VmHWM, reset before the model
     is built) above what it held then: weights, gradients, optimizer state and activations, not the
     interpreter and libraries; on a GPU, torch.cuda's peak allocation.
-Ratios are the numbers to read; absolute times on a shared machine are not stable.
+Times are medians; a ratio is the median over rounds of the model's time / its static model's time
+in the same round, which cancels a shared machine's slow drifts. Ratios are the numbers to read;
+absolute times on a shared machine are not stable.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -43,7 +46,12 @@ GROUPS = {
 TRAIN_GROUP = "mobilenetv2_x0.5"
 
 
-def _median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Run every function once per round (one warm-up round first); per function, the median time
+    and the median over rounds of its time / the first function's time in the same round.
+
+    Pairing each time with the baseline's in the same round cancels the slow drifts of a shared
+    machine (other tenants, frequency), which a ratio of two medians would keep."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(rounds + 1):
         for name, fn in fns.items():
@@ -51,7 +59,11 @@ def _median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str
             fn()
             if round_index:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    base = times[next(iter(fns))]
+    return {
+        name: (statistics.median(values), statistics.median(v / b for v, b in zip(values, base)))
+        for name, values in times.items()
+    }
 
 
 def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]]:
@@ -73,9 +85,9 @@ def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]
                         return model(x)
                 return run
 
-            medians = _median_times({kind: runner(m) for kind, m in models.items()}, rounds)
-            for kind, value in medians.items():
-                rows.append({"model": f"{prefix}_{kind}", "ms": value * 1e3, "ratio": value / medians["static"]})
+            results = _interleaved({kind: runner(m) for kind, m in models.items()}, rounds)
+            for kind, (seconds, ratio) in results.items():
+                rows.append({"model": f"{prefix}_{kind}", "ms": seconds * 1e3, "ratio": ratio})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -102,8 +114,8 @@ def _train_step_fn(name: str, batch_size: int, device: str) -> Callable[[], obje
 def train(prefix: str, kinds: list[str], batch_size: int, rounds: int, device: str) -> list[dict[str, object]]:
     """Training step time of each model, against the static one, interleaved."""
     names = [f"{prefix}_{kind}" for kind in ["static", *kinds]]
-    medians = _median_times({n: _train_step_fn(n, batch_size, device) for n in names}, rounds)
-    return [{"model": n, "ms": medians[n] * 1e3, "ratio": medians[n] / medians[names[0]]} for n in names]
+    results = _interleaved({n: _train_step_fn(n, batch_size, device) for n in names}, rounds)
+    return [{"model": n, "ms": results[n][0] * 1e3, "ratio": results[n][1]} for n in names]
 
 
 _CHILD = """
@@ -161,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", default="latency,train,memory", help="comma-separated: latency, train, memory")
     parser.add_argument("--models", default=",".join(GROUPS), help=f"groups for latency (default: all of {list(GROUPS)})")
     parser.add_argument("--train-group", default=TRAIN_GROUP, help="group for train and memory (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of the training step (default 10)")
+    parser.add_argument("--latency-rounds", type=int, default=None,
+                        help="rounds of batch-1 latency (default: 3 x --rounds; each is milliseconds)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -171,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part or model group: {sorted(unknown) or args.train_group}")
     print(f"machine: {machine()}; device {args.device}\n")
     if "latency" in parts:
-        kernel = f"built with {compiler()}" if library() is not None else "not available (PyTorch calls only)"
+        kernel = "not available (PyTorch calls only)"
+        if library() is not None:
+            kernel = f"built with {Path(compiler()).name}"
         print(f"batch-1 C kernel of folded DCD layers (ops/_native.c): {kernel}\n")
         groups = {g: GROUPS[g] for g in args.models.split(",")}
-        _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, args.rounds), "ms", "ms")
+        rounds = args.latency_rounds or 3 * args.rounds
+        _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, rounds), "ms", "ms")
     kinds = GROUPS[args.train_group]
     if "train" in parts:
         _table(f"(b) training step, {args.train_group}, batch {args.batch_size}, 224x224",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dcd_lightning import bench_ops
+from dcd_lightning.ops._native import compiler
 from dcd_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,9 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
     static_rows = [line for line in out.splitlines() if line.startswith("| resnet10_static |")]
     assert len(static_rows) == 3 and all(line.endswith("| 1.000 |") for line in static_rows)
     assert out.count("| resnet10_dcd |") == 3 and out.count("| resnet10_dyconv |") == 3
+    assert "batch-1 C kernel of folded DCD layers" in out
+    if compiler() is not None:  # the same DCD model without the kernel, beside it
+        assert out.count("| resnet10_dcd (PyTorch calls) |") == 1
 
 
 def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

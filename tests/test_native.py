@@ -23,11 +23,13 @@ from dcd_lightning import create_model, optimize_for_inference
 from dcd_lightning.ops import DCDConv2d, _folded, _native
 from dcd_lightning.ops._common import pool_input
 
+# channel fusion in one block: what the kernel covers
 NATIVE = sorted(
     n
     for n in CONV_VARIANTS
-    if n.startswith(("dcd_1x1", "dcd_3x3", "release")) and not any(k in n for k in ("joint", "blocks", "attention_only"))
-)  # channel fusion in one block: what the kernel covers
+    if n.startswith(("dcd_1x1", "dcd_3x3", "release"))
+    and not any(k in n for k in ("joint", "blocks", "attention_only"))
+)
 HAS_COMPILER = _native.compiler() is not None
 
 
@@ -42,7 +44,9 @@ def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("pool", [1, 2, 3])
 @pytest.mark.parametrize("size", [(7, 7), (8, 8), (13, 6), (14, 14)])
-def test_pool_input_equals_adaptive_average_pooling(size: tuple[int, int], pool: int, channels_last: bool) -> None:
+def test_pool_input_equals_adaptive_average_pooling(
+    size: tuple[int, int], pool: int, channels_last: bool
+) -> None:
     """The branch's pooling (one product with an averaging matrix) is adaptive_avg_pool2d's, with
     overlapping cells where the size does not divide, in values and gradients."""
     x = torch.randn(3, 5, *size, generator=torch.Generator().manual_seed(pool))
@@ -141,7 +145,9 @@ def test_float32_kernel_matches_the_pytorch_path(monkeypatch: pytest.MonkeyPatch
         assert_close_relative(native(x), module(x), 1e-4)
 
 
-def test_disabled_or_missing_compiler_falls_back(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disabled_or_missing_compiler_falls_back(
+    fresh_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DCD_LIGHTNING_NATIVE=0, or no compiler, leaves the PyTorch path, with the same results."""
     monkeypatch.setenv("DCD_LIGHTNING_NATIVE", "0")
     module = _folded_layer("release_mobilenetv2_expand_kernel", 1)

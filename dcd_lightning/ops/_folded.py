@@ -159,8 +159,9 @@ class FoldedDCD:
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        if n == 1 and self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous() and not tracing():
-            return self._one_sample_native(x)
+        if n == 1 and self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous():
+            if not tracing():  # a recorded graph must hold PyTorch calls, not the C kernel's result
+                return self._one_sample_native(x)
         if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
             h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if self.route(h_out, w_out):
@@ -224,7 +225,7 @@ class FoldedDCD:
         formed kernel (a pass over W0) as ELEMENT_MADDS."""
         h_out, w_out = output_size(height, width, self.stride)
         c_in, c_out, latent = self.in_channels, self.out_channels, self.latent
-        form = latent * latent * c_in + c_out * latent * c_in + ELEMENT_MADDS * c_out * c_in * self.kernel_size**2
+        form = latent * c_in * (latent + c_out) + ELEMENT_MADDS * c_out * c_in * self.kernel_size**2
         apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out) + 4 * CALL_MADDS
         return form <= apply
 
@@ -265,7 +266,7 @@ class FoldedDCD:
         else:
             hidden = hidden * F.hardsigmoid(torch.mv(self.se_weight, hidden))
         coefficients = torch.addmv(self.head_bias, self.head_weight, hidden)
-        phi = coefficients[c_out:].view(latent, latent) if self.attention else coefficients.view(latent, latent)
+        phi = (coefficients[c_out:] if self.attention else coefficients).view(latent, latent)
         mixed = torch.mm(self.expand[0], phi)
         static = self.weight.view(c_out, c_in)
         if self.attention:

@@ -107,11 +107,11 @@ def _load() -> ctypes.CDLL | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 built = Path(tmp) / path.name
-                result = subprocess.run(
-                    [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True, check=False
-                )
+                command = [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+                result = subprocess.run(command, capture_output=True, text=True, check=False)
                 if result.returncode:
-                    raise RuntimeError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
+                    error = result.stderr.strip()[-2000:]
+                    raise RuntimeError(f"{cc} exited with {result.returncode}: {error}")
                 os.replace(built, path)  # atomic: processes building at once each install a whole file
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as error:
@@ -125,6 +125,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name in FUNCTIONS.values():
         function = getattr(lib, name)
-        function.argtypes = [ctypes.POINTER(Layer), *[ctypes.c_void_p], ctypes.c_long, ctypes.c_long, *[ctypes.c_void_p] * 4]
+        # (layer, x, h, w, kernel, bias, coefficients, product); see dcd_one_sample in _native.c
+        pointer, size = ctypes.c_void_p, ctypes.c_long
+        function.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer, pointer, pointer]
         function.restype = ctypes.c_int
     return lib

@@ -10,14 +10,21 @@ import copy
 import io
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops import CIN, CONV_VARIANTS, LINEAR_VARIANTS, assert_close_relative, randomise
-from test_ops import float64  # noqa: F401  (autouse: float64 by default, as in test_ops)
+from test_ops import (
+    CIN,
+    CONV_VARIANTS,
+    LINEAR_VARIANTS,
+    assert_close_relative,
+    float64,  # noqa: F401  (autouse: float64 by default, as in test_ops)
+    randomise,
+)
 
 from dcd_lightning import create_model, optimize_for_inference
 from dcd_lightning.ops import DCDConv2d, _folded, _native
@@ -194,6 +201,30 @@ def test_build_is_cached_per_source_and_machine(fresh_library: Path, monkeypatch
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert _native.library() is None
     assert len(attempts) == 1
+
+
+def test_unusable_cache_folder_builds_for_the_process(
+    fresh_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DCD_LIGHTNING_CACHE", str(blocker / "cache"))
+    fallback = tmp_path / "for this process"
+    make_temporary = tempfile.mkdtemp
+
+    def temporary_folder(suffix=None, prefix=None, dir=None):  # the fallback, kept under tmp_path
+        if dir is None:
+            fallback.mkdir()
+            return str(fallback)
+        return make_temporary(suffix, prefix, dir)
+
+    monkeypatch.setattr(_native.tempfile, "mkdtemp", temporary_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.library() is not None
+    assert len(list(fallback.glob("dcd_native_*.so"))) == 1
 
 
 def test_copies_and_pickles_keep_the_kernel() -> None:

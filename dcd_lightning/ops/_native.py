@@ -8,7 +8,8 @@ PyTorch headers, so the build needs nothing but a compiler.
 
 The build is for this CPU (-march=native); the cache key includes the source, the flags, the
 compiler and the CPU's identity, so a cache shared between different machines (a network home)
-never hands one machine another's build. DCD_LIGHTNING_CACHE moves the cache.
+never hands one machine another's build. DCD_LIGHTNING_CACHE moves the cache; where the cache
+cannot be written, the build goes to a temporary folder for this process.
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def _cpu_identity() -> str:
     return "\n".join(parts)
 
 
+def _build(cc: str, directory: Path, name: str) -> Path:
+    """directory/name, compiled from SOURCE unless it is there already."""
+    path = directory / name
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            built = Path(tmp) / name
+            command = [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode:
+                error = result.stderr.strip()[-2000:]
+                raise RuntimeError(f"{cc} exited with {result.returncode}: {error}")
+            os.replace(built, path)  # atomic: processes building at once each install a whole file
+    return path
+
+
 def _load() -> ctypes.CDLL | None:
     if not enabled():
         return None
@@ -101,18 +118,12 @@ def _load() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(), _cpu_identity().encode()])
     ).hexdigest()[:20]
-    path = cache_dir() / f"dcd_native_{key}.so"
+    name = f"dcd_native_{key}.so"
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                built = Path(tmp) / path.name
-                command = [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
-                result = subprocess.run(command, capture_output=True, text=True, check=False)
-                if result.returncode:
-                    error = result.stderr.strip()[-2000:]
-                    raise RuntimeError(f"{cc} exited with {result.returncode}: {error}")
-                os.replace(built, path)  # atomic: processes building at once each install a whole file
+        try:
+            path = _build(cc, cache_dir(), name)
+        except OSError:  # no usable cache folder (unwritable, not a folder): build for this process only
+            path = _build(cc, Path(tempfile.mkdtemp(prefix="dcd_lightning-")), name)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as error:
         warnings.warn(

@@ -12,6 +12,12 @@ then gives both heads' outputs; the residual needs no batch-norm calls. `FoldedD
 tensors; DCDConv2d.fold_for_inference() builds it and forward() uses it while the layer is in eval
 mode with gradients off, for as long as no parameter or buffer of the layer has changed in place;
 moving the layer (.to, .cuda, .double) or switching it to training mode drops the fold.
+
+One sample (batch 1, the latency case) takes its own paths: on the CPU, the C kernel of
+ops/_native.c runs the branch and forms the sample's kernel in one call (forms_kernel decides,
+per layer and input size, between forming the kernel and applying P Phi' Q1 to the activations);
+without the kernel, a 1x1 layer's branch and kernel take a few PyTorch calls on 1-d vectors.
+Batches take the batched routes below.
 """
 
 from __future__ import annotations

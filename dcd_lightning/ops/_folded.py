@@ -165,9 +165,9 @@ class FoldedDCD:
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        if n == 1 and self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous():
-            if not tracing():  # a recorded graph must hold PyTorch calls, not the C kernel's result
-                return self._one_sample_native(x)
+        native = n == 1 and self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous()
+        if native and not tracing():  # a recorded graph must hold PyTorch calls, not the C kernel's result
+            return self._one_sample_native(x)
         if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
             h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if self.route(h_out, w_out):
@@ -192,9 +192,8 @@ class FoldedDCD:
         self.native = None
         if not (self.use_native and self.fusion and self.blocks == 1 and self.weight.device.type == "cpu"):
             return
-        function_name = _native.FUNCTIONS.get(self.weight.dtype)
-        library = _native.library() if function_name else None
-        if library is None:
+        functions = _native.functions(self.weight.dtype)
+        if functions is None:
             return
         tensors = {
             "fc_t": self.fc_weight.t(),  # the C kernel takes the branch's matrices input-major
@@ -222,7 +221,7 @@ class FoldedDCD:
             hard_gate=int(self.gate is F.hardsigmoid),
             **{name: None if t is None else t.data_ptr() for name, t in kept.items()},
         )
-        self.native = (getattr(library, function_name), layer, kept)  # kept: the tensors it points to
+        self.native = (*functions, layer, kept)  # kept: the tensors it points to
 
     def forms_kernel(self, height: int, width: int) -> bool:
         """At batch 1: form the sample's kernel, or apply P Phi' Q1 to the activations (with the C
@@ -238,10 +237,16 @@ class FoldedDCD:
     def _one_sample_native(self, x: Tensor) -> Tensor:
         """One sample through the C kernel: branch and kernel in one call, then one convolution
         (or the activation route with the C kernel's coefficients, see forms_kernel). For the
-        larger 1x1 kernels the C kernel leaves the product P (Phi' Q1) to torch.addmm."""
-        function, layer, _ = self.native
+        larger kernels the C kernel leaves the product P (Phi' Q1) to torch.addmm; on a 1x1 map
+        (the dynamic classifier) it computes the output itself."""
+        function, vector_function, layer, _ = self.native
         h, w = x.shape[2], x.shape[3]
         c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
+        if h == w == 1 and self.kernel_size == 1:  # a dynamic linear layer: matrix-vector products
+            out = x.new_empty(1, c_out, 1, 1)
+            if vector_function(layer, x.data_ptr(), out.data_ptr()):
+                raise MemoryError("DCD C kernel: out of memory for its scratch space")
+            return out
         if self.forms_kernel(h, w):
             kernel = x.new_empty(self.weight.shape)
             bias = x.new_empty(c_out)

@@ -15,7 +15,8 @@
  * and returns kernel and bias for one ordinary convolution; or, with kernel = NULL, only the gated
  * coefficients (lam, then Phi') for the activation route. Given t_out, it writes t = Phi' Q1
  * there and leaves P t out of the kernel, for the caller to add with one optimised matrix product
- * (the larger layers, where that product is most of the work). Matrices are row-major and contiguous;
+ * (the larger layers, where that product is most of the work). dcd_one_vector does a 1x1 layer on
+ * a 1x1 map (the dynamic classifier) without forming a kernel: matrix-vector products only. Matrices are row-major and contiguous;
  * the three branch matrices come transposed (input-major), so every product here is a sum of
  * scaled rows (vector operations, no horizontal sums); x is one sample (c_in, h, w).
  *
@@ -129,21 +130,15 @@ static void NAME(pool_plane)(const T *plane, long h, long w, long pool, T *band,
     }
 }
 
-int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out,
-                         T *coef_out, T *t_out) {
-    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
-    const long hidden = layer->hidden, pool = layer->pool, k = layer->kernel_size;
-    const long taps = k * k, centre = (k / 2) * k + k / 2;
-    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+/* pooling, branch and gates of one sample: coef = [lam (gated, if attention), Phi']; scratch
+   holds c_in pool^2 + 2 hidden + w values */
+static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long w, T *coef, T *scratch) {
+    const long c_in = layer->c_in, hidden = layer->hidden, pool = layer->pool;
+    const long n_att = layer->attention ? layer->c_out : 0, n_coef = n_att + layer->latent * layer->latent;
     const long n_pooled = c_in * pool * pool;
-    T *scratch = malloc(sizeof(T) * (n_pooled + 2 * hidden + n_coef + latent * (c_in + 1) + c_in + w));
-    if (!scratch) return 1;
-    T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden, *coef = se + hidden;
-    T *t = t_out ? t_out : coef + n_coef, *v = coef + n_coef + latent * c_in, *row = v + latent;
-    T *band = row + c_in;
+    T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden, *band = se + hidden;
 
     for (long c = 0; c < c_in; ++c) NAME(pool_plane)(x + c * h * w, h, w, pool, band, pooled + c * pool * pool);
-
     NAME(combine)(hid, hidden, NULL, 1, pooled, (const T *)layer->fc_t, n_pooled, hidden);
     if (layer->se_t) {
         NAME(combine)(se, hidden, NULL, 1, hid, (const T *)layer->se_t, hidden, hidden);
@@ -154,6 +149,24 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
     NAME(combine)(coef, n_coef, (const T *)layer->head_bias, 1, hid, (const T *)layer->head_t, hidden, n_coef);
     for (long o = 0; o < n_att; ++o)
         coef[o] = layer->hard_gate ? NAME(hardsigmoid)(coef[o]) : (T)1 / ((T)1 + (T)exp(-(double)coef[o]));
+}
+
+static long NAME(scratch_size)(const dcd_layer *layer, long w) {
+    return layer->c_in * layer->pool * layer->pool + 2 * layer->hidden + w;
+}
+
+int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out,
+                         T *coef_out, T *t_out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent, k = layer->kernel_size;
+    const long taps = k * k, centre = (k / 2) * k + k / 2;
+    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+    const long n_branch = NAME(scratch_size)(layer, w);
+    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + latent * (c_in + 1) + c_in));
+    if (!scratch) return 1;
+    T *coef = scratch + n_branch, *t = t_out ? t_out : coef + n_coef, *v = coef + n_coef + latent * c_in;
+    T *row = v + latent;
+
+    NAME(coefficients)(layer, x, h, w, coef, scratch);
     if (coef_out)
         for (long i = 0; i < n_coef; ++i) coef_out[i] = coef[i];
     if (!kernel) {
@@ -191,6 +204,40 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
         T value = b0 ? lam * b0[o] : 0;
         for (long a = 0; a < latent; ++a) value += p[a] * v[a];
         bias_out[o] = c2 ? value + c2[o] : value;
+    }
+    free(scratch);
+    return 0;
+}
+
+/* dot product of n contiguous values */
+static T NAME(dot)(const T *a, const T *b, long n) {
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (long i = 0; i < n; ++i) total += a[i] * b[i];
+    return total;
+}
+
+/* A 1x1 layer on a 1x1 map (a dynamic linear layer, one sample): no kernel is formed, each term
+   is a matrix-vector product,
+       out = lam (W0' x + b0) + P (Phi' (Q1 x + c1)) + P c2                                      */
+int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
+    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+    const long n_branch = NAME(scratch_size)(layer, 1);
+    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + 2 * latent));
+    if (!scratch) return 1;
+    T *coef = scratch + n_branch, *z = coef + n_coef, *fused = z + latent;
+
+    NAME(coefficients)(layer, x, 1, 1, coef, scratch);
+    const T *phi = coef + n_att, *expand = (const T *)layer->expand, *compress = (const T *)layer->compress;
+    const T *b0 = (const T *)layer->bias, *c1 = (const T *)layer->latent_bias, *c2 = (const T *)layer->expand_bias;
+    const T *weight = (const T *)layer->weight;
+    for (long a = 0; a < latent; ++a) z[a] = NAME(dot)(compress + a * c_in, x, c_in) + (c1 ? c1[a] : 0);
+    for (long a = 0; a < latent; ++a) fused[a] = NAME(dot)(phi + a * latent, z, latent);
+    for (long o = 0; o < c_out; ++o) {
+        const T lam = n_att ? coef[o] : (T)1;
+        const T y = NAME(dot)(weight + o * c_in, x, c_in) + (b0 ? b0[o] : 0);
+        out[o] = lam * y + NAME(dot)(expand + o * latent, fused, latent) + (c2 ? c2[o] : 0);
     }
     free(scratch);
     return 0;

@@ -29,7 +29,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
-FUNCTIONS = {torch.float32: "dcd_one_sample_f32", torch.float64: "dcd_one_sample_f64"}
+SUFFIXES = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
 class Layer(ctypes.Structure):
@@ -134,10 +134,19 @@ def _load() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    for name in FUNCTIONS.values():
-        function = getattr(lib, name)
-        # (layer, x, h, w, kernel, bias, coefficients, product); see dcd_one_sample in _native.c
-        pointer, size = ctypes.c_void_p, ctypes.c_long
-        function.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer, pointer, pointer]
-        function.restype = ctypes.c_int
+    pointer, size = ctypes.c_void_p, ctypes.c_long
+    for suffix in SUFFIXES.values():
+        # (layer, x, h, w, kernel, bias, coefficients, product) and (layer, x, out); see _native.c
+        sample, vector = getattr(lib, "dcd_one_sample" + suffix), getattr(lib, "dcd_one_vector" + suffix)
+        sample.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer, pointer, pointer]
+        vector.argtypes = [ctypes.POINTER(Layer), pointer, pointer]
+        sample.restype = vector.restype = ctypes.c_int
     return lib
+
+
+def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+    """The kernel's (dcd_one_sample, dcd_one_vector) for tensors of `dtype`, or None."""
+    lib = library() if dtype in SUFFIXES else None
+    if lib is None:
+        return None
+    return getattr(lib, "dcd_one_sample" + SUFFIXES[dtype]), getattr(lib, "dcd_one_vector" + SUFFIXES[dtype])

@@ -12,13 +12,16 @@
  *     kernel  = lam W0' + P (Phi' Q1)            (added at the centre tap of a k x k kernel)
  *     bias    = lam b0 + P (Phi' c1) + P c2
  *
- * and returns kernel and bias for one ordinary convolution; or, with kernel = NULL, only the gated
- * coefficients (lam, then Phi') for the activation route. Given t_out, it writes t = Phi' Q1
- * there and leaves P t out of the kernel, for the caller to add with one optimised matrix product
- * (the larger layers, where that product is most of the work). dcd_one_vector does a 1x1 layer on
- * a 1x1 map (the dynamic classifier) without forming a kernel: matrix-vector products only. Matrices are row-major and contiguous;
- * the three branch matrices come transposed (input-major), so every product here is a sum of
- * scaled rows (vector operations, no horizontal sums); x is one sample (c_in, h, w).
+ * and returns kernel and bias for one ordinary convolution (dcd_one_sample); or, with kernel =
+ * NULL, only the gated coefficients (lam, then Phi') for the activation route. Given t_out, it
+ * writes t = Phi' Q1 there and leaves P t out of the kernel, for the caller to add with one
+ * optimised matrix product (the larger layers, where that product is most of the work).
+ * dcd_one_vector does a 1x1 layer on a 1x1 map (the dynamic classifier) without forming a kernel,
+ * in matrix-vector products.
+ *
+ * Matrices are row-major and contiguous; x is one sample (c_in, h, w). The three branch matrices
+ * come transposed (input-major), so the branch's products are sums of scaled rows (vector
+ * operations along the output, see combine).
  *
  * Built at first use by ops/_native.py with -fopenmp-simd (vectorisation hints only: no threads
  * are started); the PyTorch path stays where no C compiler is found. The file includes itself

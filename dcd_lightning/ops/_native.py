@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -63,6 +64,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def enabled() -> bool:
+    """False when DCD_LIGHTNING_NATIVE=0 asks for PyTorch calls only."""
     return os.environ.get("DCD_LIGHTNING_NATIVE", "1") != "0"
 
 
@@ -72,6 +74,7 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
+    """Where builds are kept: $DCD_LIGHTNING_CACHE, else $XDG_CACHE_HOME or ~/.cache, /dcd_lightning."""
     base = os.environ.get("DCD_LIGHTNING_CACHE")
     if base:
         return Path(base)
@@ -100,7 +103,7 @@ def _build(cc: str, directory: Path, name: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             built = Path(tmp) / name
-            command = [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+            command = [*shlex.split(cc), *FLAGS, str(SOURCE), "-o", str(built), "-lm"]  # CC may hold words
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode:
                 error = result.stderr.strip()[-2000:]
@@ -110,6 +113,7 @@ def _build(cc: str, directory: Path, name: str) -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
+    """Build (or find) and load the kernel; None, with a warning for a failed build, where it cannot."""
     if not enabled():
         return None
     cc = compiler()

@@ -250,11 +250,13 @@ def test_copies_and_pickles_keep_the_kernel() -> None:
         assert_close_relative(loaded(x), model(x), 1e-10)
 
 
-def test_traced_graph_does_not_bake_the_sample_in() -> None:
-    """Tracing a folded model records PyTorch calls, not the C kernel's result for the traced input."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_traced_graph_does_not_bake_the_sample_in(batch: int) -> None:
+    """Tracing a folded model at batch 1 records PyTorch calls of the batched routes, not the C
+    kernel's result for the traced input: the graph serves other inputs and other batch sizes."""
     model = optimize_for_inference(randomise(create_model("mobilenetv2_x0.35_dcd"), seed=2).eval())
     traced_input = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    other = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    other = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated; it still traces

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _native
-from ._common import exporting, output_size, pool_input, pooling_matrix, running_affine
+from ._common import output_size, pool_input, pooling_matrix, running_affine
 
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
@@ -54,9 +54,10 @@ C_PRODUCT_MADDS = 100_000
 
 
 def tracing() -> bool:
-    """True while a graph is being recorded (jit.trace, ONNX, torch.export): calls into C would be
-    recorded as constants there, so the PyTorch path runs instead."""
-    return torch.jit.is_tracing() or exporting()
+    """True while jit.trace records a graph (also the TorchScript ONNX exporter): the one-sample
+    paths give way there (a call into C would be recorded as a constant, and a graph must serve any
+    batch size). Under torch.compile and torch.export, DCDConv2d.forward does not use the fold."""
+    return torch.jit.is_tracing()
 
 
 def layer_tensors(layer: nn.Module) -> list[Tensor]:
@@ -165,13 +166,15 @@ class FoldedDCD:
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        native = n == 1 and self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous()
-        if native and not tracing():  # a recorded graph must hold PyTorch calls, not the C kernel's result
-            return self._one_sample_native(x)
-        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
-            h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
-            if self.route(h_out, w_out):
-                return self._one_sample_1x1(x)
+        # one sample takes its own paths, except in a recorded graph, which must hold PyTorch calls
+        # (not the C kernel's result) and work at any batch size
+        if n == 1 and not tracing():
+            if self.native is not None and x.dtype == self.weight.dtype and x.is_contiguous():
+                return self._one_sample_native(x)
+            if self.kernel_size == 1 and self.blocks == 1 and self.fusion:
+                h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
+                if self.route(h_out, w_out):
+                    return self._one_sample_1x1(x)
         coefficients = self.coefficients(x)
         c_out = self.out_channels
         lam = self.gate(coefficients[:, :c_out]) if self.attention else None
@@ -310,7 +313,7 @@ class FoldedDCD:
             shift = self.expand_bias.expand(n, -1)
             bias = shift if bias is None else bias + shift
         k = self.kernel_size
-        if n == 1:  # one sample: a plain convolution with its kernel
+        if n == 1 and not tracing():  # one sample: a plain convolution with its kernel
             if k == 1:
                 static = self.weight.view(c_out, c_in)
                 kernel = torch.addcmul(residual[0], static, lam.view(c_out, 1)) if lam is not None else residual[0] + static

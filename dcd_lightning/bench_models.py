@@ -13,13 +13,16 @@
     is built) above what it held then: weights, gradients, optimizer state and activations, not the
     interpreter and libraries; on a GPU, torch.cuda's peak allocation.
 Times are medians; a ratio is the median over rounds of the model's time / its static model's time
-in the same round, which cancels a shared machine's slow drifts. Ratios are the numbers to read;
+in the same round, which cancels a shared machine's slow drifts. On Linux, glibc malloc's
+thresholds are pinned first (steady_allocator), or page faults from whichever model allocated
+first would weigh on one side. Ratios are the numbers to read;
 absolute times on a shared machine are not stable.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -44,6 +47,26 @@ GROUPS = {
     "resnet50": ["dcd"],
 }
 TRAIN_GROUP = "mobilenetv2_x0.5"
+
+
+def steady_allocator() -> bool:
+    """Pin glibc malloc's thresholds (Linux) so that each forward reuses heap memory.
+
+    By default glibc serves large buffers with fresh memory maps and moves its threshold as the
+    process allocates, so whether a model's activations are page-faulted in again on every forward
+    depends on what else the process allocated before: one static MobileNetV2 x1.0 took 16 ms
+    alone and 20-31 ms after another model was built in the same process (~2600 page faults per
+    forward). Pinning the map threshold (32 MiB, glibc's largest) and the trim threshold removes
+    that from the comparison. Returns False where it does not apply.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
@@ -183,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = parts - {"latency", "train", "memory"} or set(args.models.split(",")) - set(GROUPS)
     if unknown or args.train_group not in GROUPS:
         parser.error(f"unknown part or model group: {sorted(unknown) or args.train_group}")
-    print(f"machine: {machine()}; device {args.device}\n")
+    allocator = "glibc malloc thresholds pinned" if steady_allocator() else "default allocator"
+    print(f"machine: {machine()}; device {args.device}; {allocator}\n")
     if "latency" in parts:
         kernel = "not available (PyTorch calls only)"
         if library() is not None:

@@ -22,6 +22,8 @@ Batches take the batched routes below.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,7 +68,11 @@ def layer_tensors(layer: nn.Module) -> list[Tensor]:
 
 
 def tensors_version(tensors: list[Tensor]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+    """The in-place version counters of `tensors` (read once per folded forward, so kept lean)."""
+    return tuple(map(_VERSION, tensors))
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class FoldedDCD:

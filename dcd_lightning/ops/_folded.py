@@ -253,24 +253,22 @@ class FoldedDCD:
         c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
         if h == w == 1 and self.kernel_size == 1:  # a dynamic linear layer: matrix-vector products
             out = x.new_empty(1, c_out, 1, 1)
-            if vector_function(layer, x.data_ptr(), out.data_ptr()):
-                raise MemoryError("DCD C kernel: out of memory for its scratch space")
+            _native.check(vector_function(layer, x.data_ptr(), out.data_ptr()))
             return out
         if self.forms_kernel(h, w):
             kernel = x.new_empty(self.weight.shape)
             bias = x.new_empty(c_out)
             product = x.new_empty(latent, c_in) if c_out * latent * c_in > C_PRODUCT_MADDS else None
-            if function(layer, x.data_ptr(), h, w, kernel.data_ptr(), bias.data_ptr(), None,
-                        None if product is None else product.data_ptr()):
-                raise MemoryError("DCD C kernel: out of memory for its scratch space")
+            product_ptr = None if product is None else product.data_ptr()
+            status = function(layer, x.data_ptr(), h, w, kernel.data_ptr(), bias.data_ptr(), None, product_ptr)
+            _native.check(status)
             if product is not None:  # the residual's 1x1 kernel P (Phi' Q1), at the centre tap
                 centre = self.kernel_size // 2
                 kernel[:, :, centre, centre].addmm_(self.expand[0], product)
             return F.conv2d(x, kernel, bias, self.stride, self.padding)
         n_att = c_out if self.attention else 0
         coefficients = x.new_empty(1, n_att + latent * latent)
-        if function(layer, x.data_ptr(), h, w, None, None, coefficients.data_ptr(), None):
-            raise MemoryError("DCD C kernel: out of memory for its scratch space")
+        _native.check(function(layer, x.data_ptr(), h, w, None, None, coefficients.data_ptr(), None))
         lam = coefficients[:, :n_att] if self.attention else None
         return self._by_activations(x, lam, coefficients[:, n_att:].view(1, 1, latent, latent))
 
@@ -278,6 +276,8 @@ class FoldedDCD:
         """One sample of a 1x1 layer in PyTorch calls (where the C kernel is not available): the
         branch on 1-d vectors, W = lam W0' + (P Phi') Q1 and its bias, then one convolution."""
         c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
+        # coefficients() for one sample on 1-d vectors: as many calls, each cheaper (1.56-1.57x
+        # static for MobileNetV2 x0.5 on this path, against 1.60-1.63x through coefficients())
         pixels = x.reshape(c_in, -1)  # a view in both memory formats
         pooled = torch.mm(pixels, pooling_matrix(x.shape[2], x.shape[3], self.pool_size, x.dtype, x.device))
         hidden = torch.mv(self.fc_weight, pooled.view(-1))

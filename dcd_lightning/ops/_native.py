@@ -154,3 +154,9 @@ def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] |
     if lib is None:
         return None
     return getattr(lib, "dcd_one_sample" + SUFFIXES[dtype]), getattr(lib, "dcd_one_vector" + SUFFIXES[dtype])
+
+
+def check(status: int) -> None:
+    """Raise for a non-zero status of a kernel call (its only failure: no memory for scratch space)."""
+    if status:
+        raise MemoryError("DCD C kernel: out of memory for its scratch space")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -44,7 +45,7 @@ def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     an nn.Sequential, and the convN / bnN attributes of residual blocks."""
     names = list(parent._modules)
     if isinstance(parent, nn.Sequential):
-        return list(zip(names, names[1:]))
+        return list(itertools.pairwise(names))
     return [(name, "bn" + name[4:]) for name in names if name.startswith("conv") and "bn" + name[4:] in names]
 
 

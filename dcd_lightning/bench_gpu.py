@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 from functools import partial
 
 import torch
 
 from .bench_ops import machine
-from .models import ResNet, create_model
+from .models import ResNet, create_model, list_models
 from .ops import CondConv2d, DyConv2d
 
 
@@ -44,6 +45,8 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
+    if compile_model:
+        torch._dynamo.reset()  # each model compiles afresh, never hitting the recompile limit of earlier ones
     forward = torch.compile(model) if compile_model else model
 
     def step() -> None:
@@ -69,8 +72,30 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
     return batch / statistics.median(times)
 
 
+def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], str | float]) -> str:
+    """The markdown table of what has been measured so far (a missing cell is left empty)."""
+    lines = [*header, "| model | " + " | ".join(f"{m} img/s | {m} / static" for m in modes) + " |",
+             "|---|" + "---:|---:|" * len(modes)]
+    for name in models:
+        family = name.rsplit("_", 1)[0]
+        cells = []
+        for mode in modes:
+            value = results.get((name, mode), "")
+            static = results.get((f"{family}_static", mode))
+            if isinstance(value, float):
+                ratio = f"{value / static:.2f}" if isinstance(static, float) else ""
+                cells += [f"{value:.0f}", ratio]
+            else:
+                cells += [value, ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure and write the markdown table."""
+    """Measure and write the markdown table.
+
+    All models run eager first, then compiled (compilation takes most of the time), and the table is
+    rewritten after every measurement, so a run stopped early still leaves what it measured."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench-gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -81,36 +106,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--no-bf16", action="store_true", help="float32 instead of bf16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="also write the table to this markdown file")
+    parser.add_argument("--out", help="also write the table to this markdown file (after every measurement)")
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     modes = ["eager"] + ([] if args.no_compile else ["compile"])
-    lines = [f"machine: {machine()}; device {args.device}"
-             + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
-             f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
-             f"channels_last, median of {args.steps} steps after {args.warmup}", "",
-             "| model | " + " | ".join(f"{m} img/s | {m} / static" for m in modes) + " |",
-             "|---|" + "---:|---:|" * len(modes)]
-    static: dict[tuple[str, str], float] = {}
-    for name in args.models.split(","):
-        cells = []
-        for mode in modes:
+    models = args.models.split(",")
+    unknown = [name for name in models if name not in MODELS and name not in list_models()]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)} or a registry name")
+    header = [f"machine: {machine()}; device {args.device}"
+              + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
+              f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
+              f"channels_last, SGD, median of {args.steps} steps after {args.warmup}", ""]
+    results: dict[tuple[str, str], str | float] = {}
+    for mode in modes:
+        for name in models:
             try:
-                value = throughput(name, args.batch_size, args.size, args.steps, args.warmup, args.device,
-                                   mode == "compile", not args.no_bf16)
+                results[(name, mode)] = throughput(name, args.batch_size, args.size, args.steps, args.warmup,
+                                                   args.device, mode == "compile", not args.no_bf16)
             except Exception as error:  # noqa: BLE001 - a failing model is reported, the rest still run
-                cells += [f"failed: {type(error).__name__}", ""]
-                continue
-            family = name.rsplit("_", 1)[0]
-            if name.endswith("_static"):
-                static[(family, mode)] = value
-            ratio = value / static[(family, mode)] if (family, mode) in static else float("nan")
-            cells += [f"{value:.0f}", f"{ratio:.2f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
+                traceback.print_exc()
+                results[(name, mode)] = f"failed: {type(error).__name__}"
+            value = results[(name, mode)]
+            print(f"{name} {mode}: " + (f"{value:.0f} img/s" if isinstance(value, float) else value), flush=True)
+            text = table(header, models, modes, results)
+            if args.out:
+                with open(args.out, "w") as handle:
+                    handle.write(text)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
     return 0

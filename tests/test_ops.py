@@ -102,6 +102,7 @@ def compare(module: nn.Module, x: torch.Tensor, training: bool) -> None:
     """forward == reference_forward, and gradients of x and of every parameter agree."""
     module.train(training)
     weights = torch.randn(module(x.detach()).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    weights = weights.to(x.device)  # tests/test_gpu.py compares on a CUDA device too
     grads = []
     outputs = []
     for path in (module.reference_forward, module.forward):

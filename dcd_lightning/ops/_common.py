@@ -86,6 +86,12 @@ def scale_latent(base: int, latent_mult: float) -> int:
     return max(1, int(base * latent_mult + 0.5))
 
 
+def hard_sigmoid(x: Tensor) -> Tensor:
+    """relu6(x + 3) / 6, exact in float64 on every device (F.hardsigmoid's CUDA kernel multiplies by a
+    float32 1/6 in every dtype: a relative error of ~4e-8 in float64)."""
+    return F.relu6(x + 3.0) / 6.0
+
+
 def gate(logits: Tensor, kind: Gate) -> Tensor:
     """Channel-attention gate with range (0, 2) that is 1 at zero logits, so Lambda starts at I."""
     if kind == "hard_sigmoid":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _native
-from ._common import output_size, pool_input, pooling_matrix, running_affine
+from ._common import hard_sigmoid, output_size, pool_input, pooling_matrix, running_affine
 
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
@@ -107,7 +107,7 @@ class FoldedDCD:
         self.stride, self.padding, self.kernel_size = layer.stride, layer.padding, layer.kernel_size
         self.blocks, self.latent = layer.num_blocks, layer.latent_dim
         self.attention = branch.attention is not None
-        self.gate = torch.sigmoid if branch.gate_kind == "sigmoid" else F.hardsigmoid
+        self.gate = torch.sigmoid if branch.gate_kind == "sigmoid" else hard_sigmoid
         gain = 2.0 if self.attention else 1.0  # both gates are 2 x (hard) sigmoid
         self.weight = layer.static_kernel() * gain
         self.bias = None if layer.bias is None else layer.bias * gain
@@ -167,7 +167,7 @@ class FoldedDCD:
         if self.se_weight is None:
             hidden = torch.relu(hidden)
         else:
-            hidden = hidden * F.hardsigmoid(F.linear(hidden, self.se_weight))
+            hidden = hidden * hard_sigmoid(F.linear(hidden, self.se_weight))
         return F.linear(hidden, self.head_weight, self.head_bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -227,7 +227,7 @@ class FoldedDCD:
             kernel_size=self.kernel_size,
             pool=self.pool_size,
             attention=int(self.attention),
-            hard_gate=int(self.gate is F.hardsigmoid),
+            hard_gate=int(self.gate is hard_sigmoid),
             **{name: None if t is None else t.data_ptr() for name, t in kept.items()},
         )
         self.native = (*functions, layer, kept)  # kept: the tensors it points to
@@ -284,7 +284,7 @@ class FoldedDCD:
         if self.se_weight is None:
             hidden = torch.relu(hidden)
         else:
-            hidden = hidden * F.hardsigmoid(torch.mv(self.se_weight, hidden))
+            hidden = hidden * hard_sigmoid(torch.mv(self.se_weight, hidden))
         coefficients = torch.addmv(self.head_bias, self.head_weight, hidden)
         phi = (coefficients[c_out:] if self.attention else coefficients).view(latent, latent)
         mixed = torch.mm(self.expand[0], phi)

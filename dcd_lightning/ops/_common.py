@@ -189,6 +189,55 @@ def pool_input(x: Tensor, pool_size: int) -> Tensor:
     return torch.matmul(pixels, matrix).view(n, -1)
 
 
+def channels_last(x: Tensor) -> bool:
+    """True for a 4-d tensor laid out channels-last (channels fastest) that is not also contiguous."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
+
+
+def apply_sample_kernels(kernels: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Per-sample 1x1 convolution: out[i] = kernels[i] x[i] (+ bias[i]) for x (N, C_in, H, W), kernels
+    (N, C_out, C_in), bias (N, C_out); one batched product, the output in x's memory format.
+
+    Channels-last x is multiplied as (N, H W, C_in) rows from the right, which gives a channels-last
+    output without copying x (on a GPU the following batch norm then takes its channels-last kernels).
+    """
+    n, c_in, h, w = x.shape
+    if channels_last(x):
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c_in)
+        right = kernels.transpose(1, 2)
+        out = torch.bmm(rows, right) if bias is None else torch.baddbmm(bias[:, None, :], rows, right)
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+    flat = x.reshape(n, c_in, h * w)
+    out = torch.bmm(kernels, flat) if bias is None else torch.baddbmm(bias[:, :, None], kernels, flat)
+    return out.view(n, -1, h, w)
+
+
+def mix_latent(phi: Tensor, z: Tensor) -> Tensor:
+    """Phi z for z (N, B L, H, W) and phi (N, B, L, L): each sample's and block's L x L matrix applied
+    over that block's channels, the output in z's memory format (as apply_sample_kernels)."""
+    n, blocks, latent = phi.shape[:3]
+    h, w = z.shape[-2:]
+    if channels_last(z):
+        rows = z.permute(0, 2, 3, 1).reshape(n, h * w, blocks, latent).transpose(1, 2)  # a view
+        out = torch.matmul(rows, phi.transpose(2, 3))  # (N, B, H W, L); a copy back below if B > 1
+        return out.transpose(1, 2).reshape(n, h, w, blocks * latent).permute(0, 3, 1, 2)
+    return torch.matmul(phi, z.reshape(n, blocks, latent, h * w)).view(n, blocks * latent, h, w)
+
+
+def latent_batch_norm(norm: torch.nn.modules.batchnorm._BatchNorm, z: Tensor) -> Tensor:
+    """`norm` (a BatchNorm1d over the latent channels) applied to z (N, C, H, W) exactly as to
+    z.reshape(N, C, H W), statistics and running updates included, as nn.BatchNorm does them, but
+    without that reshape (a copy for channels-last z) and keeping z's memory format."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    use_batch = norm.training or (norm.running_mean is None and norm.running_var is None)
+    keep = not norm.training or norm.track_running_stats
+    return F.batch_norm(z, norm.running_mean if keep else None, norm.running_var if keep else None, norm.weight,
+                        norm.bias, use_batch, factor, norm.eps)
+
+
 _POOLING: dict[tuple[int, int, int, torch.dtype, torch.device], Tensor] = {}
 
 

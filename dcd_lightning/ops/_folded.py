@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _native
-from ._common import hard_sigmoid, output_size, pool_input, pooling_matrix, running_affine
+from ._common import (
+    apply_sample_kernels,
+    hard_sigmoid,
+    mix_latent,
+    output_size,
+    pool_input,
+    pooling_matrix,
+    running_affine,
+)
 
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
@@ -329,16 +337,12 @@ class FoldedDCD:
                 kernel[:, :, k // 2, k // 2] += residual[0]
             return F.conv2d(x, kernel, None if bias is None else bias[0], self.stride, self.padding)
         xs = x[:, :, :: self.stride, :: self.stride]
-        h, w = xs.shape[-2:]
-        flat = xs.reshape(n, c_in, h * w)
         if k == 1:
             static = self.weight.view(1, c_out, c_in)
             kernel = residual + (static * lam[:, :, None] if lam is not None else static)
-            out = torch.bmm(kernel, flat) if bias is None else torch.baddbmm(bias[:, :, None], kernel, flat)
-            return out.view(n, c_out, h, w)
+            return apply_sample_kernels(kernel, xs, bias)
         out = F.conv2d(x, self.weight, None, self.stride, self.padding)
-        res = torch.bmm(residual, flat) if bias is None else torch.baddbmm(bias[:, :, None], residual, flat)
-        res = res.view(n, c_out, h, w)
+        res = apply_sample_kernels(residual, xs, bias)
         return res + out if lam is None else torch.addcmul(res, out, lam.view(n, c_out, 1, 1))
 
     def _by_activations(self, x: Tensor, lam: Tensor | None, phi: Tensor) -> Tensor:
@@ -346,8 +350,7 @@ class FoldedDCD:
         q = self.compress.view(blocks * latent, -1, 1, 1)
         c1 = None if self.latent_bias is None else self.latent_bias.reshape(-1)
         z = F.conv2d(x, q, c1, self.stride, groups=blocks)
-        h, w = z.shape[-2:]
-        fused = torch.matmul(phi, z.view(n, blocks, latent, h * w)).view(n, blocks * latent, h, w)
+        fused = mix_latent(phi, z)
         p = self.expand.view(self.out_channels, latent, 1, 1)
         residual = F.conv2d(fused, p, self.expand_bias, groups=blocks)
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)

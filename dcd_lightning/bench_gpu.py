@@ -1,11 +1,14 @@
 """`python -m dcd_lightning bench-gpu`: training throughput (images/s) on a GPU, one table.
 
-    python -m dcd_lightning bench-gpu --out docs/gpu-throughput.md   # about 6 minutes on one H100
+    python -m dcd_lightning bench-gpu --out docs/gpu-throughput.md   # ~7 minutes on one H100
 
 Static, DCD, DY-Conv and CondConv versions of MobileNetV2 x1.0 and ResNet-50, trained with SGD in
-bf16 autocast and channels_last, eager and under torch.compile; each figure is the median over
-timed steps after warm-up. The ResNet-50 DY-Conv and CondConv models are not paper rows: they put
-the operator on every block convolution, as resnet18_dyconv does.
+bf16 autocast and channels_last, eager and (--compile-models) under torch.compile; each figure is
+the median over timed steps after warm-up, and the table gives each warm-up's seconds (compilation,
+cuDNN's algorithm search). All models run eager first, then the compiled ones (a DCD MobileNetV2
+took over 4 minutes to compile on an H100, so only MobileNetV2 x1.0's static and DCD models are
+compiled by default). The ResNet-50 DY-Conv and CondConv models are not paper rows: they put the
+operator on every block convolution, as resnet18_dyconv does.
 """
 
 from __future__ import annotations
@@ -37,17 +40,19 @@ MODELS = [f"mobilenetv2_x1.0_{k}" for k in ("static", "dcd", "dyconv", "condconv
 ]
 
 
-def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device: str, compile_model: bool,
-               bf16: bool) -> float:
-    """Images per second of the training step (forward, backward, SGD) of one model."""
+def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device: str, compile_mode: str | None,
+               bf16: bool, backend: str = "inductor") -> tuple[float, float]:
+    """(images per second, seconds of the warm-up steps) of the training step (forward, backward,
+    SGD) of one model; `compile_mode` None runs eager, else torch.compile's mode ("default", ...)."""
     model = build(name).to(device).train()
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
-    if compile_model:
+    forward = model
+    if compile_mode is not None:
         torch._dynamo.reset()  # each model compiles afresh, never hitting the recompile limit of earlier ones
-    forward = torch.compile(model) if compile_model else model
+        forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, backend=backend)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -60,75 +65,92 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
         if device == "cuda":
             torch.cuda.synchronize()
 
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
+    warm = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    return batch / statistics.median(times), warm
 
 
-def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], str | float]) -> str:
-    """The markdown table of what has been measured so far (a missing cell is left empty)."""
-    lines = [*header, "| model | " + " | ".join(f"{m} img/s | {m} / static" for m in modes) + " |",
-             "|---|" + "---:|---:|" * len(modes)]
+Result = tuple[float, float] | str  # (img/s, warm-up seconds) or why it failed
+
+
+def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], Result]) -> str:
+    """The markdown table of what has been measured so far (a cell not measured is left empty)."""
+    lines = [*header, "| model | " + " | ".join(f"{m} img/s | {m} / static | {m} warm-up s" for m in modes) + " |",
+             "|---|" + "---:|---:|---:|" * len(modes)]
     for name in models:
         family = name.rsplit("_", 1)[0]
         cells = []
         for mode in modes:
             value = results.get((name, mode), "")
             static = results.get((f"{family}_static", mode))
-            if isinstance(value, float):
-                ratio = f"{value / static:.2f}" if isinstance(static, float) else ""
-                cells += [f"{value:.0f}", ratio]
+            if isinstance(value, tuple):
+                ratio = f"{value[0] / static[0]:.2f}" if isinstance(static, tuple) else ""
+                cells += [f"{value[0]:.0f}", ratio, f"{value[1]:.0f}"]
             else:
-                cells += [value, ""]
+                cells += [value, "", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure and write the markdown table.
-
-    All models run eager first, then compiled (compilation takes most of the time), and the table is
-    rewritten after every measurement, so a run stopped early still leaves what it measured."""
+    """Measure and write the markdown table, rewritten after every measurement (a run stopped early
+    still leaves what it measured)."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench-gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--compile-models", default="mobilenetv2_x1.0_static,mobilenetv2_x1.0_dcd",
+                        help="models also measured under torch.compile ('' for none, 'all' for every model)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--no-compile", action="store_true", help="eager only (as --compile-models '')")
     parser.add_argument("--no-bf16", action="store_true", help="float32 instead of bf16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the table to this markdown file (after every measurement)")
     args = parser.parse_args(argv)
-    torch.backends.cudnn.benchmark = True
-    modes = ["eager"] + ([] if args.no_compile else ["compile"])
     models = args.models.split(",")
-    unknown = [name for name in models if name not in MODELS and name not in list_models()]
+    compiled = [] if args.no_compile or not args.compile_models else (
+        models if args.compile_models == "all" else args.compile_models.split(","))
+    unknown = [name for name in {*models, *compiled} if name not in MODELS and name not in list_models()]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)} or a registry name")
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)} or a registry name")
+    models += [name for name in compiled if name not in models]
+    torch.backends.cudnn.benchmark = True
+    compile_name = "compile" if args.compile_mode == "default" else f"compile ({args.compile_mode})"
+    if args.compile_backend != "inductor":
+        compile_name += f" [{args.compile_backend}]"
+    modes = ["eager"] + ([compile_name] if compiled else [])
     header = [f"machine: {machine()}; device {args.device}"
               + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
               f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
               f"channels_last, SGD, median of {args.steps} steps after {args.warmup}", ""]
-    results: dict[tuple[str, str], str | float] = {}
-    for mode in modes:
-        for name in models:
+    results: dict[tuple[str, str], Result] = {}
+    text = table(header, models, modes, results)
+    for mode, names in (("eager", models), (compile_name, compiled)):
+        for name in names:
             try:
                 results[(name, mode)] = throughput(name, args.batch_size, args.size, args.steps, args.warmup,
-                                                   args.device, mode == "compile", not args.no_bf16)
+                                                   args.device, None if mode == "eager" else args.compile_mode,
+                                                   not args.no_bf16, args.compile_backend)
             except Exception as error:  # noqa: BLE001 - a failing model is reported, the rest still run
                 traceback.print_exc()
                 results[(name, mode)] = f"failed: {type(error).__name__}"
             value = results[(name, mode)]
-            print(f"{name} {mode}: " + (f"{value:.0f} img/s" if isinstance(value, float) else value), flush=True)
+            print(f"{name} {mode}: " + (f"{value[0]:.0f} img/s, warm-up {value[1]:.0f} s"
+                                        if isinstance(value, tuple) else value), flush=True)
             text = table(header, models, modes, results)
             if args.out:
                 with open(args.out, "w") as handle:

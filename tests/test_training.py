@@ -226,6 +226,33 @@ def test_lr_schedules_and_weight_decay_groups() -> None:
         ImageClassifier(lambda n: create_model("resnet10_static", num_classes=n), label_smoothing=1.0)
 
 
+def test_channels_last_and_compile_options(tmp_path: Path) -> None:
+    """channels_last stores the weights and feeds the backbone channels-last with the same outputs;
+    compile (true or torch.compile's arguments) keeps the state-dict names, so checkpoints resume."""
+    def backbone(n: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return create_model("resnet10_dcd", num_classes=n).double()
+
+    plain, last = (ImageClassifier(backbone, num_classes=10, channels_last=flag).eval() for flag in (False, True))
+    assert last.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    last.model.layer1[0].conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.allclose(last(images), plain(images), rtol=1e-9, atol=1e-9)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    with pytest.raises(ValueError, match=r"compile=\{'mdoe': 'max-autotune'\} has unknown key\(s\) \['mdoe'\]"):
+        ImageClassifier(backbone, num_classes=10, compile={"mdoe": "max-autotune"})
+
+    args = ["--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=2", "--model.init_args.channels_last=true",
+            "--model.init_args.compile={backend: eager}", f"--trainer.default_root_dir={tmp_path}"]
+    fit(*args, "--trainer.max_epochs=1")
+    fit(*args, "--trainer.max_epochs=2", "--ckpt_path=last")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and state["hyper_parameters"]["compile"] == {"backend": "eager"}
+    assert "model.conv1.weight" in state["state_dict"] and not any("_orig_mod" in k for k in state["state_dict"])
+
+
 def test_mixup_and_cutmix_mix_pairs() -> None:
     torch.manual_seed(0)
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()

@@ -52,9 +52,12 @@ def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> 
     return kernel.reshape(n, out_channels, in_channels)
 
 
-# at batch 1 one more PyTorch call costs about as much as this many multiply-adds on a CPU (a few
-# microseconds); forms_kernel weighs the activation route's extra calls with it
-CALL_MADDS = 50_000
+# at batch 1 one more call of the activation route costs about as much as this many multiply-adds
+# on a CPU; forms_kernel weighs that route's extra calls with it. Inside a model each call's weights
+# come from outside the core's cache: timed in context, MobileNetV2 x0.5's 7x7 layers took ~140 us
+# formed against ~210-260 us by activations, and with 150k instead of 50k (which these layers
+# formed) the model's ratio to static went 1.367 -> 1.334 (x1.0 and ResNet-18 unchanged)
+CALL_MADDS = 150_000
 # writing one element of a formed kernel (a pass over W0, in and out of memory) costs about as much
 # as this many multiply-adds of a matrix product
 ELEMENT_MADDS = 4

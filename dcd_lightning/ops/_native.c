@@ -220,6 +220,27 @@ static T NAME(dot)(const T *a, const T *b, long n) {
     return total;
 }
 
+/* out[r] = rows[r, :n] . x for r < count (rows r at rows + r ld), four rows at a time: four
+   independent accumulators and four streams keep the loads in flight (one row's dot product waits
+   on its own sum; a long matrix-vector product then runs at a fraction of the memory's speed). */
+static void NAME(dots)(T *out, const T *rows, long ld, long count, const T *x, long n) {
+    long r = 0;
+    for (; r + 4 <= count; r += 4) {
+        const T *r0 = rows + r * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (long i = 0; i < n; ++i) {
+            const T v = x[i];
+            s0 += r0[i] * v;
+            s1 += r1[i] * v;
+            s2 += r2[i] * v;
+            s3 += r3[i] * v;
+        }
+        out[r] = s0, out[r + 1] = s1, out[r + 2] = s2, out[r + 3] = s3;
+    }
+    for (; r < count; ++r) out[r] = NAME(dot)(rows + r * ld, x, n);
+}
+
 /* A 1x1 layer on a 1x1 map (a dynamic linear layer, one sample): no kernel is formed, each term
    is a matrix-vector product,
        out = lam (W0' x + b0) + P (Phi' (Q1 x + c1)) + P c2                                      */
@@ -235,12 +256,13 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
     const T *phi = coef + n_att, *expand = (const T *)layer->expand, *compress = (const T *)layer->compress;
     const T *b0 = (const T *)layer->bias, *c1 = (const T *)layer->latent_bias, *c2 = (const T *)layer->expand_bias;
     const T *weight = (const T *)layer->weight;
-    for (long a = 0; a < latent; ++a) z[a] = NAME(dot)(compress + a * c_in, x, c_in) + (c1 ? c1[a] : 0);
-    for (long a = 0; a < latent; ++a) fused[a] = NAME(dot)(phi + a * latent, z, latent);
+    NAME(dots)(z, compress, c_in, latent, x, c_in);
+    for (long a = 0; a < latent; ++a) z[a] += c1 ? c1[a] : 0;
+    NAME(dots)(fused, phi, latent, latent, z, latent);
+    NAME(dots)(out, weight, c_in, c_out, x, c_in);  /* W0' x */
     for (long o = 0; o < c_out; ++o) {
         const T lam = n_att ? coef[o] : (T)1;
-        const T y = NAME(dot)(weight + o * c_in, x, c_in) + (b0 ? b0[o] : 0);
-        out[o] = lam * y + NAME(dot)(expand + o * latent, fused, latent) + (c2 ? c2[o] : 0);
+        out[o] = lam * (out[o] + (b0 ? b0[o] : 0)) + NAME(dot)(expand + o * latent, fused, latent) + (c2 ? c2[o] : 0);
     }
     free(scratch);
     return 0;

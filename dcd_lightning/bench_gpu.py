@@ -5,16 +5,19 @@
 Static, DCD, DY-Conv and CondConv versions of MobileNetV2 x1.0 and ResNet-50, trained with SGD in
 bf16 autocast and channels_last, eager and (--compile-models) under torch.compile; each figure is
 the median over timed steps after warm-up, and the table gives each warm-up's seconds (compilation,
-cuDNN's algorithm search). All models run eager first, then the compiled ones (a DCD MobileNetV2
-took over 4 minutes to compile on an H100, so only MobileNetV2 x1.0's static and DCD models are
-compiled by default). The ResNet-50 DY-Conv and CondConv models are not paper rows: they put the
+cuDNN's algorithm search). All models run eager first, then the compiled ones, each in a child
+process that is stopped when --time-limit (450 s) is up (a DCD MobileNetV2 took over 4 minutes to
+compile on an H100, so only MobileNetV2 x1.0's static and DCD models are compiled by default). The ResNet-50 DY-Conv and CondConv models are not paper rows: they put the
 operator on every block convolution, as resnet18_dyconv does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from functools import partial
@@ -44,6 +47,7 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
                bf16: bool, backend: str = "inductor") -> tuple[float, float]:
     """(images per second, seconds of the warm-up steps) of the training step (forward, backward,
     SGD) of one model; `compile_mode` None runs eager, else torch.compile's mode ("default", ...)."""
+    torch.backends.cudnn.benchmark = True
     model = build(name).to(device).train()
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -79,7 +83,28 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
     return batch / statistics.median(times), warm
 
 
-Result = tuple[float, float] | str  # (img/s, warm-up seconds) or why it failed
+Result = tuple[float, float] | str  # (img/s, warm-up seconds) or why there is no figure
+
+# a compiled model is measured in a child process, which can be stopped when the time is up
+_CHILD = ("import json, sys; from dcd_lightning.bench_gpu import throughput; "
+          "print('RESULT', json.dumps(throughput(*json.loads(sys.argv[1]))))")
+
+
+def throughput_in_child(arguments: list, seconds: float) -> Result:
+    """throughput(*arguments) in a fresh interpreter, given at most `seconds`."""
+    if seconds <= 0:
+        return "not run: time limit"
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(arguments)], capture_output=True,
+                              text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return f"stopped at the time limit ({seconds:.0f} s)"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(done.stderr[-4000:], file=sys.stderr)
+        return f"failed (exit {done.returncode})"
+    speed, warm = json.loads(lines[-1][len("RESULT "):])
+    return speed, warm
 
 
 def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], Result]) -> str:
@@ -120,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bf16", action="store_true", help="float32 instead of bf16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the table to this markdown file (after every measurement)")
+    parser.add_argument("--time-limit", type=float, default=450.0,
+                        help="seconds for the whole run: later measurements are skipped, and a compiled model "
+                             "(measured in a child process) is stopped, when they are up")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     models = args.models.split(",")
     compiled = [] if args.no_compile or not args.compile_models else (
         models if args.compile_models == "all" else args.compile_models.split(","))
@@ -128,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)} or a registry name")
     models += [name for name in compiled if name not in models]
-    torch.backends.cudnn.benchmark = True
     compile_name = "compile" if args.compile_mode == "default" else f"compile ({args.compile_mode})"
     if args.compile_backend != "inductor":
         compile_name += f" [{args.compile_backend}]"
@@ -141,13 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     text = table(header, models, modes, results)
     for mode, names in (("eager", models), (compile_name, compiled)):
         for name in names:
-            try:
-                results[(name, mode)] = throughput(name, args.batch_size, args.size, args.steps, args.warmup,
-                                                   args.device, None if mode == "eager" else args.compile_mode,
-                                                   not args.no_bf16, args.compile_backend)
-            except Exception as error:  # noqa: BLE001 - a failing model is reported, the rest still run
-                traceback.print_exc()
-                results[(name, mode)] = f"failed: {type(error).__name__}"
+            arguments = [name, args.batch_size, args.size, args.steps, args.warmup, args.device,
+                         None if mode == "eager" else args.compile_mode, not args.no_bf16, args.compile_backend]
+            left = args.time_limit - (time.perf_counter() - started)
+            if mode != "eager":
+                results[(name, mode)] = throughput_in_child(arguments, left)
+            elif left <= 0:
+                results[(name, mode)] = "not run: time limit"
+            else:
+                try:
+                    results[(name, mode)] = throughput(*arguments)
+                except Exception as error:  # noqa: BLE001 - a failing model is reported, the rest still run
+                    traceback.print_exc()
+                    results[(name, mode)] = f"failed: {type(error).__name__}"
             value = results[(name, mode)]
             print(f"{name} {mode}: " + (f"{value[0]:.0f} img/s, warm-up {value[1]:.0f} s"
                                         if isinstance(value, tuple) else value), flush=True)

@@ -37,12 +37,13 @@ def assert_same_on_cpu(module: torch.nn.Module, x: torch.Tensor) -> None:
         assert_close_relative(module(x).cpu(), on_cpu(x.cpu()))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", sorted(CONV_VARIANTS))
-def test_conv_fast_equals_reference_on_cuda(name: str, stride: int, training: bool) -> None:
+def test_conv_fast_equals_reference_on_cuda(name: str, stride: int, training: bool, layout: torch.memory_format) -> None:
     module = randomise(CONV_VARIANTS[name](stride)).to(DEVICE)
-    x = torch.randn(3, CIN, 8, 8, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    x = torch.randn(3, CIN, 8, 8, generator=torch.Generator().manual_seed(8)).to(DEVICE, memory_format=layout)
     compare(module, x, training)
     assert_same_on_cpu(module, x)
 
@@ -64,6 +65,7 @@ def test_folded_inference_on_cuda(name: str, batch: int) -> None:
     x = torch.randn(batch, CIN, 7, 7, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     with torch.no_grad():
         assert_close_relative(module(x), module.reference_forward(x))
+        assert_close_relative(module(x.contiguous(memory_format=torch.channels_last)), module.reference_forward(x))
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_x0.5_dcd", "resnet18_dcd", "mobilenetv2_x1.0_dyconv",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -269,6 +270,25 @@ def test_auto_route_trains_on_a_gpu_by_the_activations() -> None:
     assert layer.eval()._takes_kernel_route(on_gpu, size, size)
     layer.route = "kernel"
     assert layer.train()._takes_kernel_route(on_gpu, size, size)
+
+
+@pytest.mark.parametrize("route", ["kernel", "activations", "auto"])
+def test_sync_batch_norm_latent_norms_see_the_batch(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP with sync_batchnorm the latent norms become SyncBatchNorm: in training they are called
+    as modules on the 4-d latent map (where they sync their statistics), on every route, with the same
+    values as BatchNorm1d's here (one process: nothing to sync)."""
+    torch.manual_seed(0)
+    plain = randomise(DCDReleaseConv2d(CIN, COUT, 1, route=route)).train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert isinstance(synced.latent_norm_in, nn.SyncBatchNorm)
+    calls = []
+    for norm in (synced.latent_norm_in, synced.latent_norm_out):
+        monkeypatch.setattr(norm, "forward", lambda z, f=norm.forward: calls.append(z.dim()) or f(z))
+    x = torch.randn(3, CIN, 6, 6, generator=torch.Generator().manual_seed(6))
+    assert_close_relative(synced(x), plain(x))
+    assert calls == [4, 4]
+    for a, b in ((plain.latent_norm_in, synced.latent_norm_in), (plain.latent_norm_out, synced.latent_norm_out)):
+        assert_close_relative(b.running_var, a.running_var)
 
 
 def test_kernel_and_activation_routes_agree_with_each_other() -> None:

@@ -227,7 +227,13 @@ def mix_latent(phi: Tensor, z: Tensor) -> Tensor:
 def latent_batch_norm(norm: torch.nn.modules.batchnorm._BatchNorm, z: Tensor) -> Tensor:
     """`norm` (a BatchNorm1d over the latent channels) applied to z (N, C, H, W) exactly as to
     z.reshape(N, C, H W), statistics and running updates included, as nn.BatchNorm does them, but
-    without that reshape (a copy for channels-last z) and keeping z's memory format."""
+    without that reshape (a copy for channels-last z) and keeping z's memory format. A norm that is
+    not a plain BatchNorm1d is called as a module: SyncBatchNorm (DDP with sync_batchnorm) takes
+    the 4-d map and syncs its statistics over the processes; any other gets the 3-d view."""
+    if type(norm) is not torch.nn.BatchNorm1d:
+        if isinstance(norm, torch.nn.SyncBatchNorm):
+            return norm(z)
+        return norm(z.reshape(z.shape[0], z.shape[1], -1)).view(z.shape)
     factor = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dcd_lightning import bench_ops
 from dcd_lightning.bench_gpu import throughput_in_child
@@ -61,6 +62,20 @@ def test_print_config_resolves_operator_factories(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "class_path: dcd_lightning.ops.DCDConv2d" in result.stdout
     assert "latent_mult: 0.5" in result.stdout
+
+
+def test_gpu_presets_stack_on_a_paper_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """The multi-GPU presets merge into a paper config: DDP with synchronised batch norm, channels_last."""
+    for preset in ("ddp.yaml", "multi-node.yaml"):
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "--config", str(ROOT / "configs" / "paper" / "table4_resnet18_dcd.yaml"),
+                  "--config", str(ROOT / "configs" / "presets" / preset), "--print_config"])
+        assert stop.value.code in (0, None)
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["model"]["class_path"] == "dcd_lightning.classifier.ImageClassifier"
+        assert config["model"]["init_args"]["channels_last"] is True
+        assert config["model"]["init_args"]["backbone"]["init_args"]["depth"] == 18
+        assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["sync_batchnorm"] is True
 
 
 def test_bad_operator_option_is_reported_at_the_cli(tmp_path: Path) -> None:

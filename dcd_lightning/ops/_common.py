@@ -194,6 +194,14 @@ def channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
 
 
+def in_layout_of(out: Tensor, x: Tensor) -> Tensor:
+    """`out` in x's memory format: a copy to channels-last where x is channels-last and `out` is not
+    (routes built on batch-sized convolution groups produce NCHW), else `out` itself."""
+    if channels_last(x) and not out.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def apply_sample_kernels(kernels: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """Per-sample 1x1 convolution: out[i] = kernels[i] x[i] (+ bias[i]) for x (N, C_in, H, W), kernels
     (N, C_out, C_in), bias (N, C_out); one batched product, the output in x's memory format.

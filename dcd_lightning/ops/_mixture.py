@@ -12,6 +12,7 @@ from ._common import (
     check_input,
     check_int,
     exporting,
+    in_layout_of,
     init_fan_out,
     linear_madds,
     output_size,
@@ -115,7 +116,7 @@ class MixtureConv2d(nn.Module):
             self.padding,
             groups=n * self.groups,
         )
-        return out.view(n, self.out_channels, out.shape[-2], out.shape[-1])
+        return in_layout_of(out.view(n, self.out_channels, out.shape[-2], out.shape[-1]), x)
 
     def _forward_output_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
         n, groups, k = x.shape[0], self.groups, self.num_kernels
@@ -131,7 +132,7 @@ class MixtureConv2d(nn.Module):
         out = out.reshape(n, self.out_channels, h, w)
         if self.bias is not None:
             out = out + (weights @ self.bias)[:, :, None, None]
-        return out
+        return in_layout_of(out, x)
 
     def sample_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Each sample's kernel sum_k a_k(x) W_k, (N, C_out, C_in/groups, k, k), and bias or None."""

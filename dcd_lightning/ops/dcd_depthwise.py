@@ -17,6 +17,7 @@ from ._common import (
     check_odd_kernel,
     check_positive,
     exporting,
+    in_layout_of,
     init_fan_out,
     linear_madds,
     output_size,
@@ -184,7 +185,7 @@ class DCDDepthwiseConv2d(nn.Module):
             self.padding,
             groups=n * c,
         )
-        return out.view(n, c, out.shape[-2], out.shape[-1])
+        return in_layout_of(out.view(n, c, out.shape[-2], out.shape[-1]), x)
 
     def _forward_activations(self, x: Tensor) -> Tensor:
         """Static depthwise conv plus R's basis kernels applied to every channel, then mixed

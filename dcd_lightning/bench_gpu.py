@@ -96,7 +96,7 @@ def throughput_in_child(arguments: list, seconds: float) -> Result:
         return "not run: time limit"
     try:
         done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(arguments)], capture_output=True,
-                              text=True, timeout=seconds)
+                              text=True, timeout=seconds, check=False)
     except subprocess.TimeoutExpired:
         return f"stopped at the time limit ({seconds:.0f} s)"
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = ["eager"] + ([compile_name] if compiled else [])
     header = [f"machine: {machine()}; device {args.device}"
               + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
-              f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
-              f"channels_last, SGD, median of {args.steps} steps after {args.warmup}", ""]
+              (f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
+               f"channels_last, SGD, median of {args.steps} steps after {args.warmup}"), ""]
     results: dict[tuple[str, str], Result] = {}
     text = table(header, models, modes, results)
     for mode, names in (("eager", models), (compile_name, compiled)):

@@ -284,7 +284,7 @@ class DCDConv2d(nn.Module):
         bf16, channels_last, batch 128: training steps of MobileNetV2 x1.0 and ResNet-50 DCD took
         146 and 169 ms on the activation route against 188 and 213 ms by MAdds' choice, 246 and
         293 ms all by kernel; such a step is bound by kernel launches, and the kernel route's
-        batch statistics from moments take ~2.5x as many), and elsewhere by MAdds. Latent batch
+        batch statistics from moments take ~2.3x as many operators), and elsewhere by MAdds. Latent batch
         norms converted to SyncBatchNorm (DDP with sync_batchnorm) train by the activations on
         any route: only there does the norm itself see the batch and sync its statistics."""
         if self.route == "auto" and self.training and x.device.type != "cpu":

@@ -1,14 +1,15 @@
 """`python -m dcd_lightning bench-gpu`: training throughput (images/s) on a GPU, one table.
 
-    python -m dcd_lightning bench-gpu --out docs/gpu-throughput.md   # ~7 minutes on one H100
+    python -m dcd_lightning bench-gpu --out docs/gpu-throughput.md   # at most --time-limit, 450 s
 
 Static, DCD, DY-Conv and CondConv versions of MobileNetV2 x1.0 and ResNet-50, trained with SGD in
 bf16 autocast and channels_last, eager and (--compile-models) under torch.compile; each figure is
 the median over timed steps after warm-up, and the table gives each warm-up's seconds (compilation,
 cuDNN's algorithm search). All models run eager first, then the compiled ones, each in a child
 process that is stopped when --time-limit (450 s) is up (a DCD MobileNetV2 took over 4 minutes to
-compile on an H100, so only MobileNetV2 x1.0's static and DCD models are compiled by default). The ResNet-50 DY-Conv and CondConv models are not paper rows: they put the
-operator on every block convolution, as resnet18_dyconv does.
+compile on an H100, so only MobileNetV2 x1.0's static and DCD models are compiled by default). The
+ResNet-50 DY-Conv and CondConv models are not paper rows: they put the operator on every block
+convolution, as resnet18_dyconv does.
 """
 
 from __future__ import annotations

@@ -181,10 +181,10 @@ def pool_input(x: Tensor, pool_size: int) -> Tensor:
     """
     if pool_size == 1:
         return x.mean(dim=(2, 3))
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     matrix = pooling_matrix(h, w, pool_size, x.dtype, x.device)
     pixels = x.flatten(2)  # a view in both memory formats
-    if x.stride(1) == 1 and c > 1:  # channels_last: pool (N, H W, C) from the left, no copy of x
+    if channels_last(x):  # pool (N, H W, C) from the left, no copy of x
         return torch.matmul(matrix.t(), pixels.transpose(1, 2)).transpose(1, 2).reshape(n, -1)
     return torch.matmul(pixels, matrix).view(n, -1)
 

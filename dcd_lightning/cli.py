@@ -216,4 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         save_config_callback=DCDSaveConfig,
         save_config_kwargs={"overwrite": True},
     )
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy the run's process group (DDP) before the interpreter exits.
+
+    Lightning leaves it open; a gloo group still open at exit aborted the process
+    ("terminate called without an active exception", exit -6) in about one of four
+    two-process CPU runs here, after training had finished and saved.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -466,6 +466,12 @@ def test_wrong_input_rank_or_channels_is_rejected(name: str) -> None:
         op(torch.randn(2, CIN - 1, 5, 5))
     with pytest.raises(ValueError, match=rf"{op_name}: .*got shape \(2, 15, 5, 5\)"):
         op.reference_forward(torch.randn(2, CIN - 1, 5, 5))
+    folded = optimize_for_inference(op)  # the fold's own checks (DCDConv2d.forward) at batch 1
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"{op_name}: .*C=16, got shape \(1, 15, 5, 5\)"):
+            folded(torch.randn(1, CIN - 1, 5, 5))
+        with pytest.raises(ValueError, match=rf"{op_name}: expected a 4-d input .*got shape \(16, 5, 5\)"):
+            folded(torch.randn(CIN, 5, 5))
 
 
 @pytest.mark.parametrize("name", sorted(LINEAR_VARIANTS))
@@ -484,7 +490,7 @@ def test_hard_sigmoid_gate_range() -> None:
         op.branch.fc.weight.fill_(1.0)
     lam, _ = op.coefficients(torch.ones(1, CIN, 2, 2))
     assert torch.allclose(lam, torch.full_like(lam, 2.0))
-    assert math.isclose(float((F.relu6(torch.tensor(0.0) + 3) / 3)), 1.0)
+    assert math.isclose(float(F.relu6(torch.tensor(0.0) + 3) / 3), 1.0)
 
 
 @pytest.mark.parametrize(

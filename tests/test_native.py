@@ -238,7 +238,7 @@ def test_copies_and_pickles_keep_the_kernel() -> None:
     layers = [m for m in copied.modules() if isinstance(m, DCDConv2d) and m._folded is not None]
     assert layers and all(m._folded.native is not None for m in layers)
     original = next(m for m in model.modules() if isinstance(m, DCDConv2d))
-    assert layers[0]._folded.native[3]["weight"].data_ptr() != original._folded.native[3]["weight"].data_ptr()
+    assert layers[0]._folded.native[4]["weight"].data_ptr() != original._folded.native[4]["weight"].data_ptr()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close_relative(copied(x), model(x), 1e-12)

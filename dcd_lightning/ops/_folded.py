@@ -14,8 +14,9 @@ mode with gradients off, for as long as no parameter or buffer of the layer has 
 moving the layer (.to, .cuda, .double) or switching it to training mode drops the fold.
 
 One sample (batch 1, the latency case) takes its own paths: on the CPU, the C kernel of
-ops/_native.c runs the branch and forms the sample's kernel in one call (forms_kernel decides,
-per layer and input size, between forming the kernel and applying P Phi' Q1 to the activations);
+ops/_native.c runs the branch and either forms the sample's kernel for one convolution or, after
+the static convolution, adds P Phi' Q1 applied to the activations to its output, in one call
+(forms_kernel decides per layer and input size);
 without the kernel, a 1x1 layer's branch and kernel take a few PyTorch calls on 1-d vectors.
 Batches take the batched routes below.
 """
@@ -52,11 +53,12 @@ def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> 
     return kernel.reshape(n, out_channels, in_channels)
 
 
-# at batch 1 one more call of the activation route costs about as much as this many multiply-adds
-# on a CPU; forms_kernel weighs that route's extra calls with it. Inside a model each call's weights
-# come from outside the core's cache: timed in context, MobileNetV2 x0.5's 7x7 layers took ~140 us
-# formed against ~210-260 us by activations, and with 150k instead of 50k (which these layers
-# formed) the model's ratio to static went 1.367 -> 1.334 (x1.0 and ResNet-18 unchanged)
+# at batch 1 one more PyTorch call costs about as much as this many multiply-adds on a CPU (inside a
+# model each call's weights come from outside the core's cache); forms_kernel charges it to the
+# formed route of the larger layers (torch.addmm adds their product P (Phi' Q1)). Both routes are
+# otherwise one C call and one convolution: measured against static in the same runs, MobileNetV2
+# x0.5 1.263-1.266 with this rule, 1.271 with the activation route taken more often (its MAdds
+# halved), 1.284-1.285 less often (x2, x4); ResNet-18 1.075 / 1.070 / 1.120 (rule, x0.5, x2)
 CALL_MADDS = 150_000
 # writing one element of a formed kernel (a pass over W0, in and out of memory) costs about as much
 # as this many multiply-adds of a matrix product
@@ -254,22 +256,25 @@ class FoldedDCD:
         self.native = (*functions, layer, kept)  # kept: the tensors it points to
 
     def forms_kernel(self, height: int, width: int) -> bool:
-        """At batch 1: form the sample's kernel, or apply P Phi' Q1 to the activations (with the C
-        kernel's coefficients)? By MAdds, counting each extra call of the activation route (four:
-        two convolutions, a product, the output's scaling) as CALL_MADDS and each element of the
-        formed kernel (a pass over W0) as ELEMENT_MADDS."""
+        """At batch 1: form the sample's kernel, or apply P Phi' Q1 to the activations (both in the
+        C kernel, beside one convolution)? By MAdds, counting each element of the formed kernel (a
+        pass over W0) as ELEMENT_MADDS and the formed route's call of torch.addmm (larger layers)
+        as CALL_MADDS."""
         h_out, w_out = output_size(height, width, self.stride)
         c_in, c_out, latent = self.in_channels, self.out_channels, self.latent
         form = latent * c_in * (latent + c_out) + ELEMENT_MADDS * c_out * c_in * self.kernel_size**2
-        apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out) + 4 * CALL_MADDS
+        if c_out * latent * c_in > C_PRODUCT_MADDS:
+            form += CALL_MADDS
+        apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out)
         return form <= apply
 
     def _one_sample_native(self, x: Tensor) -> Tensor:
-        """One sample through the C kernel: branch and kernel in one call, then one convolution
-        (or the activation route with the C kernel's coefficients, see forms_kernel). For the
-        larger kernels the C kernel leaves the product P (Phi' Q1) to torch.addmm; on a 1x1 map
-        (the dynamic classifier) it computes the output itself."""
-        function, vector_function, layer, _ = self.native
+        """One sample through the C kernel: branch and kernel in one call, then one convolution;
+        or the static convolution, then one call for the branch and the residual on the
+        activations (see forms_kernel). For the larger kernels the C kernel leaves the product
+        P (Phi' Q1) to torch.addmm; on a 1x1 map (the dynamic classifier) it computes the output
+        itself."""
+        function, vector_function, apply_function, layer, _ = self.native
         h, w = x.shape[2], x.shape[3]
         c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
         if h == w == 1 and self.kernel_size == 1:  # a dynamic linear layer: matrix-vector products
@@ -291,11 +296,13 @@ class FoldedDCD:
                 centre = self.kernel_size // 2
                 kernel[:, :, centre, centre].addmm_(self.expand[0], product)
             return F.conv2d(x, kernel, bias, self.stride, self.padding)
-        n_att = c_out if self.attention else 0
-        coefficients = x.new_empty(1, n_att + latent * latent)
-        _native.check(function(layer, x.data_ptr(), h, w, None, None, coefficients.data_ptr(), None))
-        lam = coefficients[:, :n_att] if self.attention else None
-        return self._by_activations(x, lam, coefficients[:, n_att:].view(1, 1, latent, latent))
+        # the activation route: the static convolution, then the C kernel's branch and, in place,
+        # out = lam out + P (Phi' (Q1 x + c1)) + P c2 (no kernel formed, no further calls)
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding).contiguous()
+        status = apply_function(layer, x.data_ptr(), h, w, self.stride, out.data_ptr())
+        if status:
+            _native.check(status)
+        return out
 
     def _one_sample_1x1(self, x: Tensor) -> Tensor:
         """One sample of a 1x1 layer in PyTorch calls (where the C kernel is not available): the

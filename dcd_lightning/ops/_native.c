@@ -17,7 +17,12 @@
  * writes t = Phi' Q1 there and leaves P t out of the kernel, for the caller to add with one
  * optimised matrix product (the larger layers, where that product is most of the work).
  * dcd_one_vector does a 1x1 layer on a 1x1 map (the dynamic classifier) without forming a kernel,
- * in matrix-vector products.
+ * in matrix-vector products. dcd_one_sample_apply is the activation route: after the caller's
+ * convolution with W0', it runs the branch and adds the low-rank residual to that output in place,
+ *
+ *     out = lam out + P (Phi' (Q1 xs + c1)) + P c2      (xs: x at the centre taps)
+ *
+ * with small register-blocked matrix products (matmul), no kernel formed.
  *
  * Matrices are row-major and contiguous; x is one sample (c_in, h, w). The three branch matrices
  * come transposed (input-major), so the branch's products are sums of scaled rows (vector
@@ -212,6 +217,100 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
     return 0;
 }
 
+/* 64 bytes of T in one value (a vector register of AVX-512, two of AVX2), loadable from any address */
+typedef T NAME(vec) __attribute__((vector_size(64), aligned(sizeof(T))));
+#define LANES ((long)(64 / sizeof(T)))
+
+/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 4 or 1) and wv vectors of columns (wv = 4 or 1)
+   from column i0 of a b, in nr x wv vector accumulators (4 x 4: sixteen registers, each row of b
+   loaded once for four rows of a), then the epilogue for the columns below n. Called with
+   constant nr and wv, so each use is compiled for its own sizes. */
+static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, const T *a, long k, const T *b,
+                                                              long ldb, long i0, long n, long r0, const int nr,
+                                                              const int wv, const T *scale, const T *base,
+                                                              long ldbase, const T *shift) {
+    NAME(vec) acc[4][4];
+    for (int r = 0; r < nr; ++r)
+        for (int q = 0; q < wv; ++q) acc[r][q] = (NAME(vec)){0};
+    for (long j = 0; j < k; ++j) {
+        const NAME(vec) *row = (const NAME(vec) *)(b + j * ldb + i0);
+        NAME(vec) v[4];
+        for (int q = 0; q < wv; ++q) v[q] = row[q];
+        for (int r = 0; r < nr; ++r) {
+            const T c = a[(r0 + r) * k + j];
+            for (int q = 0; q < wv; ++q) acc[r][q] += c * v[q];
+        }
+    }
+    const long len = n - i0 < wv * LANES ? n - i0 : wv * LANES;
+    for (int r = 0; r < nr; ++r) {
+        const long o = r0 + r;
+        const T g = scale ? scale[o] : (T)1, s = shift ? shift[o] : (T)0;
+        T *dst = out + o * ldo + i0, sums[4 * 64 / sizeof(T)];
+        const T *src = base ? base + o * ldbase + i0 : NULL;
+        for (int q = 0; q < wv; ++q) ((NAME(vec) *)sums)[q] = acc[r][q];
+        for (long i = 0; i < len; ++i) dst[i] = (src ? g * src[i] : 0) + sums[i] + s;
+    }
+}
+
+/* out[r, i] = scale[r] base[r, i] + shift[r] + sum_j a[r, j] b[j, i] for r < rows, i < n, with
+   a (rows x k, row-major), b (k x ldb), scale, base and shift optional (1, 0, 0). b is read in
+   blocks of LANES columns up to n rounded up to 16, so ldb must be at least that; base may be out
+   (each value is read before it is written). */
+static void NAME(matmul)(T *out, long ldo, const T *a, long rows, long k, const T *b, long ldb, long n,
+                         const T *scale, const T *base, long ldbase, const T *shift) {
+    long r0 = 0;
+    for (; r0 + 4 <= rows; r0 += 4) {
+        long i0 = 0;
+        for (; i0 + 4 * LANES <= n; i0 += 4 * LANES)
+            NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 4, 4, scale, base, ldbase, shift);
+        for (; i0 < n; i0 += LANES) NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 4, 1, scale, base, ldbase, shift);
+    }
+    for (; r0 < rows; ++r0) {
+        long i0 = 0;
+        for (; i0 + 4 * LANES <= n; i0 += 4 * LANES)
+            NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 1, 4, scale, base, ldbase, shift);
+        for (; i0 < n; i0 += LANES) NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 1, 1, scale, base, ldbase, shift);
+    }
+}
+
+/* The activation route of one sample, after the caller's convolution with W0': given out =
+   W0' x + b0 (c_out x h_out x w_out, the layer's own stride and padding), this computes the branch
+   and, in place,
+       out = lam out + P (Phi' (Q1 xs + c1)) + P c2,
+   xs being the samples of x at the centre taps, x[:, s i, s j] (the residual is 1x1). No kernel is
+   formed: at small maps (7x7) this is fewer operations than forming one. */
+int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long w, long stride, T *out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
+    const long h_out = (h - 1) / stride + 1, w_out = (w - 1) / stride + 1, n = h_out * w_out;
+    const long ld = (n + 15) / 16 * 16; /* columns of the scratch matrices, padded for matmul's blocks */
+    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+    const long n_branch = NAME(scratch_size)(layer, w);
+    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + (c_in + 2 * latent) * ld));
+    if (!scratch) return 1;
+    T *coef = scratch + n_branch, *xs = coef + n_coef, *z = xs + c_in * ld, *fused = z + latent * ld;
+
+    NAME(coefficients)(layer, x, h, w, coef, scratch);
+    for (long c = 0; c < c_in; ++c) {
+        T *dst = xs + c * ld;
+        const T *plane = x + c * h * w;
+        if (stride == 1) {
+            for (long i = 0; i < n; ++i) dst[i] = plane[i];
+        } else {
+            for (long i = 0; i < h_out; ++i)
+                for (long j = 0; j < w_out; ++j) dst[i * w_out + j] = plane[i * stride * w + j * stride];
+        }
+        for (long i = n; i < ld; ++i) dst[i] = 0;
+    }
+    const T *phi = coef + n_att;
+    NAME(matmul)(z, ld, (const T *)layer->compress, latent, c_in, xs, ld, ld, NULL, NULL, 0,
+                 (const T *)layer->latent_bias);
+    NAME(matmul)(fused, ld, phi, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
+    NAME(matmul)(out, n, (const T *)layer->expand, c_out, latent, fused, ld, n, n_att ? coef : NULL, out, n,
+                 (const T *)layer->expand_bias);
+    free(scratch);
+    return 0;
+}
+
 /* dot product of n contiguous values */
 static T NAME(dot)(const T *a, const T *b, long n) {
     T total = 0;
@@ -267,5 +366,7 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
     free(scratch);
     return 0;
 }
+
+#undef LANES
 
 #endif

@@ -140,20 +140,26 @@ def _load() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
     for suffix in SUFFIXES.values():
-        # (layer, x, h, w, kernel, bias, coefficients, product) and (layer, x, out); see _native.c
-        sample, vector = getattr(lib, "dcd_one_sample" + suffix), getattr(lib, "dcd_one_vector" + suffix)
+        # (layer, x, h, w, kernel, bias, coefficients, product), (layer, x, out) and
+        # (layer, x, h, w, stride, out); see _native.c
+        sample, vector, apply = (getattr(lib, name + suffix) for name in FUNCTIONS)
         sample.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer, pointer, pointer]
         vector.argtypes = [ctypes.POINTER(Layer), pointer, pointer]
-        sample.restype = vector.restype = ctypes.c_int
+        apply.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
+        sample.restype = vector.restype = apply.restype = ctypes.c_int
     return lib
 
 
-def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
-    """The kernel's (dcd_one_sample, dcd_one_vector) for tensors of `dtype`, or None."""
+FUNCTIONS = ("dcd_one_sample", "dcd_one_vector", "dcd_one_sample_apply")
+
+
+def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ...] | None:
+    """The kernel's (dcd_one_sample, dcd_one_vector, dcd_one_sample_apply) for tensors of `dtype`,
+    or None."""
     lib = library() if dtype in SUFFIXES else None
     if lib is None:
         return None
-    return getattr(lib, "dcd_one_sample" + SUFFIXES[dtype]), getattr(lib, "dcd_one_vector" + SUFFIXES[dtype])
+    return tuple(getattr(lib, name + SUFFIXES[dtype]) for name in FUNCTIONS)
 
 
 def check(status: int) -> None:

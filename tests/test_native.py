@@ -83,19 +83,18 @@ def _folded_layer(name: str, stride: int, seed: int = 0) -> DCDConv2d:
     return module
 
 
-@pytest.mark.parametrize("route", ["form_in_c", "form_with_addmm", "activations"])
+@pytest.mark.parametrize("route", ["form", "activations"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", NATIVE)
 def test_native_one_sample_equals_reference(
     name: str, stride: int, route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each of the kernel's routes at batch 1 == the per-sample-kernel reference (float64):
-    kernel formed in C, formed in C with P (Phi' Q1) added by torch.addmm, and the coefficients
-    alone for the activation route; also with a following batch norm folded in."""
+    """Both of the kernel's routes at batch 1 == the per-sample-kernel reference (float64): the
+    kernel formed in C for one convolution, and the static convolution with the residual added to
+    its output in C (the activation route); also with a following batch norm folded in."""
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(_folded.FoldedDCD, "forms_kernel", lambda self, h, w: route != "activations")
-    monkeypatch.setattr(_folded, "C_PRODUCT_MADDS", 0 if route == "form_with_addmm" else 10**12)
     module = _folded_layer(name, stride)
     assert module._folded.native is not None
     calls = []
@@ -112,6 +111,25 @@ def test_native_one_sample_equals_reference(
         expected = module.reference_forward(x)  # the reference applies output_norm too
         module.fold_for_inference()
         assert_close_relative(module(x), expected, 1e-10)
+
+
+@pytest.mark.parametrize("route", ["form", "activations"])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_native_blocked_products_at_uneven_sizes(route: str, kernel_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes that leave partial blocks everywhere in the C kernel's blocked products: 70 input and
+    37 output channels, latent 5 (rows not a multiple of 4, columns not of 16), maps of 9x9 and
+    10x10 (81 and 100 columns: one block of 64, then single vectors), stride 1 and 2 (float64)."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(_folded.FoldedDCD, "forms_kernel", lambda self, h, w: route == "form")
+    for stride in (1, 2):
+        layer = DCDConv2d(70, 37, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
+        module = optimize_for_inference(randomise(layer.double(), seed=stride))
+        assert module._folded.native is not None
+        for size in (9, 10):
+            x = torch.randn(1, 70, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+            with torch.no_grad():
+                assert_close_relative(module(x), module.reference_forward(x), 1e-10)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

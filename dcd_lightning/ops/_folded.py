@@ -53,19 +53,12 @@ def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> 
     return kernel.reshape(n, out_channels, in_channels)
 
 
-# at batch 1 one more PyTorch call costs about as much as this many multiply-adds on a CPU (inside a
-# model each call's weights come from outside the core's cache); forms_kernel charges it to the
-# formed route of the larger layers (torch.addmm adds their product P (Phi' Q1)). Both routes are
-# otherwise one C call and one convolution: measured against static in the same runs, MobileNetV2
-# x0.5 1.263-1.266 with this rule, 1.271 with the activation route taken more often (its MAdds
-# halved), 1.284-1.285 less often (x2, x4); ResNet-18 1.075 / 1.070 / 1.120 (rule, x0.5, x2)
-CALL_MADDS = 150_000
 # writing one element of a formed kernel (a pass over W0, in and out of memory) costs about as much
-# as this many multiply-adds of a matrix product
+# as this many multiply-adds of a matrix product. Both batch-1 routes are one C call and one
+# convolution, so forms_kernel weighs MAdds and this only: measured against static in the same
+# runs, MobileNetV2 x0.5 1.263-1.266 with this rule, 1.271 with the activation route taken more
+# often (its MAdds halved), 1.284-1.285 less often (x2, x4); ResNet-18 1.075 / 1.070 / 1.120
 ELEMENT_MADDS = 4
-# layers whose residual product P (Phi' Q1) exceeds this leave it to torch.addmm (an optimised
-# matrix product) instead of the C kernel's plain loops
-C_PRODUCT_MADDS = 100_000
 
 
 def tracing() -> bool:
@@ -221,16 +214,16 @@ class FoldedDCD:
         fusion in one block, on the CPU, in float32 or float64, with the kernel built."""
         self.native = None
         self.dtype = self.weight.dtype
-        self.plans: dict[tuple[int, int], tuple[bool, bool]] = {}  # see _one_sample_native
+        self.plans: dict[tuple[int, int], bool] = {}  # forms_kernel's choice per input size
         if not (self.use_native and self.fusion and self.blocks == 1 and self.weight.device.type == "cpu"):
             return
         functions = _native.functions(self.weight.dtype)
         if functions is None:
             return
         tensors = {
-            "fc_t": self.fc_weight.t(),  # the C kernel takes the branch's matrices input-major
-            "se_t": None if self.se_weight is None else self.se_weight.t(),
-            "head_t": self.head_weight.t(),
+            "fc": self.fc_weight,
+            "se": self.se_weight,
+            "head_t": self.head_weight.t(),  # the C kernel takes the heads input-major
             "head_bias": self.head_bias,
             "weight": self.weight,
             "bias": self.bias,
@@ -258,43 +251,33 @@ class FoldedDCD:
     def forms_kernel(self, height: int, width: int) -> bool:
         """At batch 1: form the sample's kernel, or apply P Phi' Q1 to the activations (both in the
         C kernel, beside one convolution)? By MAdds, counting each element of the formed kernel (a
-        pass over W0) as ELEMENT_MADDS and the formed route's call of torch.addmm (larger layers)
-        as CALL_MADDS."""
+        pass over W0) as ELEMENT_MADDS."""
         h_out, w_out = output_size(height, width, self.stride)
         c_in, c_out, latent = self.in_channels, self.out_channels, self.latent
         form = latent * c_in * (latent + c_out) + ELEMENT_MADDS * c_out * c_in * self.kernel_size**2
-        if c_out * latent * c_in > C_PRODUCT_MADDS:
-            form += CALL_MADDS
         apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out)
         return form <= apply
 
     def _one_sample_native(self, x: Tensor) -> Tensor:
         """One sample through the C kernel: branch and kernel in one call, then one convolution;
         or the static convolution, then one call for the branch and the residual on the
-        activations (see forms_kernel). For the larger kernels the C kernel leaves the product
-        P (Phi' Q1) to torch.addmm; on a 1x1 map (the dynamic classifier) it computes the output
-        itself."""
+        activations (see forms_kernel). On a 1x1 map (the dynamic classifier) it computes the
+        output itself."""
         function, vector_function, apply_function, layer, _ = self.native
         h, w = x.shape[2], x.shape[3]
-        c_out, c_in, latent = self.out_channels, self.in_channels, self.latent
         if h == w == 1 and self.kernel_size == 1:  # a dynamic linear layer: matrix-vector products
-            out = x.new_empty(1, c_out, 1, 1)
+            out = x.new_empty(1, self.out_channels, 1, 1)
             _native.check(vector_function(layer, x.data_ptr(), out.data_ptr()))
             return out
-        plan = self.plans.get((h, w))
-        if plan is None:  # (form the kernel?, leave the product P (Phi' Q1) to addmm?) for this size
-            plan = self.plans[h, w] = (self.forms_kernel(h, w), c_out * latent * c_in > C_PRODUCT_MADDS)
-        if plan[0]:
+        forms = self.plans.get((h, w))
+        if forms is None:  # the route for this input size
+            forms = self.plans[h, w] = self.forms_kernel(h, w)
+        if forms:
             kernel = x.new_empty(self.weight.shape)
-            bias = x.new_empty(c_out)
-            product = x.new_empty(latent, c_in) if plan[1] else None
-            product_ptr = None if product is None else product.data_ptr()
-            status = function(layer, x.data_ptr(), h, w, kernel.data_ptr(), bias.data_ptr(), None, product_ptr)
+            bias = x.new_empty(self.out_channels)
+            status = function(layer, x.data_ptr(), h, w, kernel.data_ptr(), bias.data_ptr())
             if status:
                 _native.check(status)
-            if product is not None:  # the residual's 1x1 kernel P (Phi' Q1), at the centre tap
-                centre = self.kernel_size // 2
-                kernel[:, :, centre, centre].addmm_(self.expand[0], product)
             return F.conv2d(x, kernel, bias, self.stride, self.padding)
         # the activation route: the static convolution, then the C kernel's branch and, in place,
         # out = lam out + P (Phi' (Q1 x + c1)) + P c2 (no kernel formed, no further calls)

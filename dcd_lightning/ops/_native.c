@@ -12,11 +12,7 @@
  *     kernel  = lam W0' + P (Phi' Q1)            (added at the centre tap of a k x k kernel)
  *     bias    = lam b0 + P (Phi' c1) + P c2
  *
- * and returns kernel and bias for one ordinary convolution (dcd_one_sample); or, with kernel =
- * NULL, only the gated coefficients (lam, then Phi') for the activation route. Given t_out, it
- * writes t = Phi' Q1 there and leaves P t out of the kernel, for the caller to add with one
- * optimised matrix product (the larger layers, where that product is most of the work).
- * dcd_one_vector does a 1x1 layer on a 1x1 map (the dynamic classifier) without forming a kernel,
+ * and returns kernel and bias for one ordinary convolution (dcd_one_sample). dcd_one_vector does a 1x1 layer on a 1x1 map (the dynamic classifier) without forming a kernel,
  * in matrix-vector products. dcd_one_sample_apply is the activation route: after the caller's
  * convolution with W0', it runs the branch and adds the low-rank residual to that output in place,
  *
@@ -24,9 +20,10 @@
  *
  * with small register-blocked matrix products (matmul), no kernel formed.
  *
- * Matrices are row-major and contiguous; x is one sample (c_in, h, w). The three branch matrices
- * come transposed (input-major), so the branch's products are sums of scaled rows (vector
- * operations along the output, see combine).
+ * Matrices are row-major and contiguous; x is one sample (c_in, h, w). The branch's first two
+ * products (fc, se: few outputs from many inputs) are dot products, four rows at a time (dots);
+ * the heads (many outputs from few) come transposed (input-major), so their product is a sum of
+ * scaled rows (vector operations along the output, see combine).
  *
  * Built at first use by ops/_native.py with -fopenmp-simd (vectorisation hints only: no threads
  * are started); the PyTorch path stays where no C compiler is found. The file includes itself
@@ -42,8 +39,8 @@ typedef struct {
     long c_in, c_out, latent, hidden, kernel_size, pool;
     long attention;  /* 1: channel attention (Lambda) present */
     long hard_gate;  /* 1: hard sigmoid gate, 0: sigmoid */
-    const void *fc_t;         /* fc weight transposed: (c_in pool^2) x hidden */
-    const void *se_t;         /* squeeze-excite weight transposed: hidden x hidden, or NULL (ReLU) */
+    const void *fc;           /* fc weight: hidden x (c_in pool^2) */
+    const void *se;           /* squeeze-excite weight: hidden x hidden, or NULL (ReLU) */
     const void *head_t;       /* both heads transposed: hidden x (attention c_out + L^2) */
     const void *head_bias;    /* attention c_out + L^2 */
     const void *weight;       /* W0': c_out x c_in x k x k, gate range folded in */
@@ -113,6 +110,35 @@ static void NAME(combine)(T *out, long n, const T *base, T scale, const T *coefs
     }
 }
 
+/* dot product of n contiguous values */
+static T NAME(dot)(const T *a, const T *b, long n) {
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (long i = 0; i < n; ++i) total += a[i] * b[i];
+    return total;
+}
+
+/* out[r] = rows[r, :n] . x for r < count (rows r at rows + r ld), four rows at a time: four
+   independent accumulators and four streams keep the loads in flight (one row's dot product waits
+   on its own sum; a long matrix-vector product then runs at a fraction of the memory's speed). */
+static void NAME(dots)(T *out, const T *rows, long ld, long count, const T *x, long n) {
+    long r = 0;
+    for (; r + 4 <= count; r += 4) {
+        const T *r0 = rows + r * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (long i = 0; i < n; ++i) {
+            const T v = x[i];
+            s0 += r0[i] * v;
+            s1 += r1[i] * v;
+            s2 += r2[i] * v;
+            s3 += r3[i] * v;
+        }
+        out[r] = s0, out[r + 1] = s1, out[r + 2] = s2, out[r + 3] = s3;
+    }
+    for (; r < count; ++r) out[r] = NAME(dot)(rows + r * ld, x, n);
+}
+
 static T NAME(hardsigmoid)(T v) { return v <= -3 ? 0 : (v >= 3 ? 1 : v / 6 + (T)0.5); }
 
 /* adaptive average pooling of one (h, w) plane to pool x pool cells: cell i along a side of
@@ -147,9 +173,9 @@ static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long 
     T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden, *band = se + hidden;
 
     for (long c = 0; c < c_in; ++c) NAME(pool_plane)(x + c * h * w, h, w, pool, band, pooled + c * pool * pool);
-    NAME(combine)(hid, hidden, NULL, 1, pooled, (const T *)layer->fc_t, n_pooled, hidden);
-    if (layer->se_t) {
-        NAME(combine)(se, hidden, NULL, 1, hid, (const T *)layer->se_t, hidden, hidden);
+    NAME(dots)(hid, (const T *)layer->fc, n_pooled, hidden, pooled, n_pooled);
+    if (layer->se) {
+        NAME(dots)(se, (const T *)layer->se, hidden, hidden, hid, hidden);
         for (long i = 0; i < hidden; ++i) hid[i] *= NAME(hardsigmoid)(se[i]);
     } else {
         for (long i = 0; i < hidden; ++i) hid[i] = hid[i] > 0 ? hid[i] : 0;
@@ -161,60 +187,6 @@ static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long 
 
 static long NAME(scratch_size)(const dcd_layer *layer, long w) {
     return layer->c_in * layer->pool * layer->pool + 2 * layer->hidden + w;
-}
-
-int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out,
-                         T *coef_out, T *t_out) {
-    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent, k = layer->kernel_size;
-    const long taps = k * k, centre = (k / 2) * k + k / 2;
-    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
-    const long n_branch = NAME(scratch_size)(layer, w);
-    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + latent * (c_in + 1) + c_in));
-    if (!scratch) return 1;
-    T *coef = scratch + n_branch, *t = t_out ? t_out : coef + n_coef, *v = coef + n_coef + latent * c_in;
-    T *row = v + latent;
-
-    NAME(coefficients)(layer, x, h, w, coef, scratch);
-    if (coef_out)
-        for (long i = 0; i < n_coef; ++i) coef_out[i] = coef[i];
-    if (!kernel) {
-        free(scratch);
-        return 0;
-    }
-
-    /* with t = Phi' Q1 (L x c_in) and v = Phi' c1, per output channel o:
-       kernel[o] = lam W0'[o] + P[o] t (at the centre tap of a k x k kernel),
-       bias[o] = lam b0[o] + P[o] v + (P c2)[o] */
-    const T *phi = coef + n_att, *expand = (const T *)layer->expand, *compress = (const T *)layer->compress;
-    const T *b0 = (const T *)layer->bias, *c1 = (const T *)layer->latent_bias, *c2 = (const T *)layer->expand_bias;
-    const T *weight = (const T *)layer->weight;
-    for (long a = 0; a < latent; ++a) {
-        NAME(combine)(t + a * c_in, c_in, NULL, 1, phi + a * latent, compress, latent, c_in);
-        v[a] = 0;
-        if (c1)
-            for (long b = 0; b < latent; ++b) v[a] += phi[a * latent + b] * c1[b];
-    }
-    for (long o = 0; o < c_out; ++o) {
-        const T lam = n_att ? coef[o] : (T)1;
-        const T *p = expand + o * latent, *w0 = weight + o * c_in * taps;
-        T *out = kernel + o * c_in * taps;
-        if (t_out) { /* the caller adds P t (one optimised matrix product) */
-#pragma omp simd
-            for (long i = 0; i < c_in * taps; ++i) out[i] = lam * w0[i];
-        } else if (taps == 1) {
-            NAME(combine)(out, c_in, w0, lam, p, t, latent, c_in);
-        } else { /* the 1x1 residual row, then into the centre taps */
-#pragma omp simd
-            for (long i = 0; i < c_in * taps; ++i) out[i] = lam * w0[i];
-            NAME(combine)(row, c_in, NULL, 1, p, t, latent, c_in);
-            for (long i = 0; i < c_in; ++i) out[i * taps + centre] += row[i];
-        }
-        T value = b0 ? lam * b0[o] : 0;
-        for (long a = 0; a < latent; ++a) value += p[a] * v[a];
-        bias_out[o] = c2 ? value + c2[o] : value;
-    }
-    free(scratch);
-    return 0;
 }
 
 /* 64 bytes of T in one value (a vector register of AVX-512, two of AVX2), loadable from any address */
@@ -273,6 +245,53 @@ static void NAME(matmul)(T *out, long ldo, const T *a, long rows, long k, const 
     }
 }
 
+int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent, k = layer->kernel_size;
+    const long taps = k * k, centre = (k / 2) * k + k / 2;
+    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+    const long n_branch = NAME(scratch_size)(layer, w);
+    const long ld = (c_in + 15) / 16 * 16; /* rows of t and of the residual, padded for matmul's blocks */
+    const long n_residual = taps > 1 ? c_out * ld : 0;
+    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + latent * (ld + 1) + n_residual));
+    if (!scratch) return 1;
+    T *coef = scratch + n_branch, *t = coef + n_coef, *v = t + latent * ld, *residual = v + latent;
+
+    NAME(coefficients)(layer, x, h, w, coef, scratch);
+    /* with t = Phi' Q1 (L x c_in) and v = Phi' c1, per output channel o:
+       kernel[o] = lam W0'[o] + P[o] t (at the centre tap of a k x k kernel),
+       bias[o] = lam b0[o] + P[o] v + (P c2)[o] */
+    const T *phi = coef + n_att, *expand = (const T *)layer->expand, *compress = (const T *)layer->compress;
+    const T *b0 = (const T *)layer->bias, *c1 = (const T *)layer->latent_bias, *c2 = (const T *)layer->expand_bias;
+    const T *weight = (const T *)layer->weight, *lam = n_att ? coef : NULL;
+    for (long a = 0; a < latent; ++a) {
+        NAME(combine)(t + a * ld, c_in, NULL, 1, phi + a * latent, compress, latent, c_in);
+        for (long i = c_in; i < ld; ++i) t[a * ld + i] = 0;
+        v[a] = 0;
+        if (c1)
+            for (long b = 0; b < latent; ++b) v[a] += phi[a * latent + b] * c1[b];
+    }
+    if (taps == 1) { /* kernel = lam W0' + P t, all rows in one blocked product */
+        NAME(matmul)(kernel, c_in, expand, c_out, latent, t, ld, c_in, lam, weight, c_in, NULL);
+    } else { /* lam W0', then the 1x1 residual P t into the centre taps */
+        NAME(matmul)(residual, ld, expand, c_out, latent, t, ld, c_in, NULL, NULL, 0, NULL);
+        for (long o = 0; o < c_out; ++o) {
+            const T g = lam ? lam[o] : (T)1, *w0 = weight + o * c_in * taps, *r = residual + o * ld;
+            T *out = kernel + o * c_in * taps;
+#pragma omp simd
+            for (long i = 0; i < c_in * taps; ++i) out[i] = g * w0[i];
+            for (long i = 0; i < c_in; ++i) out[i * taps + centre] += r[i];
+        }
+    }
+    for (long o = 0; o < c_out; ++o) {
+        const T *p = expand + o * latent;
+        T value = b0 ? (lam ? lam[o] : (T)1) * b0[o] : 0;
+        for (long a = 0; a < latent; ++a) value += p[a] * v[a];
+        bias_out[o] = c2 ? value + c2[o] : value;
+    }
+    free(scratch);
+    return 0;
+}
+
 /* The activation route of one sample, after the caller's convolution with W0': given out =
    W0' x + b0 (c_out x h_out x w_out, the layer's own stride and padding), this computes the branch
    and, in place,
@@ -309,35 +328,6 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
                  (const T *)layer->expand_bias);
     free(scratch);
     return 0;
-}
-
-/* dot product of n contiguous values */
-static T NAME(dot)(const T *a, const T *b, long n) {
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (long i = 0; i < n; ++i) total += a[i] * b[i];
-    return total;
-}
-
-/* out[r] = rows[r, :n] . x for r < count (rows r at rows + r ld), four rows at a time: four
-   independent accumulators and four streams keep the loads in flight (one row's dot product waits
-   on its own sum; a long matrix-vector product then runs at a fraction of the memory's speed). */
-static void NAME(dots)(T *out, const T *rows, long ld, long count, const T *x, long n) {
-    long r = 0;
-    for (; r + 4 <= count; r += 4) {
-        const T *r0 = rows + r * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (long i = 0; i < n; ++i) {
-            const T v = x[i];
-            s0 += r0[i] * v;
-            s1 += r1[i] * v;
-            s2 += r2[i] * v;
-            s3 += r3[i] * v;
-        }
-        out[r] = s0, out[r + 1] = s1, out[r + 2] = s2, out[r + 3] = s3;
-    }
-    for (; r < count; ++r) out[r] = NAME(dot)(rows + r * ld, x, n);
 }
 
 /* A 1x1 layer on a 1x1 map (a dynamic linear layer, one sample): no kernel is formed, each term

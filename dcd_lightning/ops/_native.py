@@ -43,7 +43,7 @@ class Layer(ctypes.Structure):
         *(
             (name, ctypes.c_void_p)
             for name in (
-                "fc_t", "se_t", "head_t", "head_bias", "weight", "bias",
+                "fc", "se", "head_t", "head_bias", "weight", "bias",
                 "expand", "compress", "latent_bias", "expand_bias",
             )
         ),
@@ -140,10 +140,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
     for suffix in SUFFIXES.values():
-        # (layer, x, h, w, kernel, bias, coefficients, product), (layer, x, out) and
-        # (layer, x, h, w, stride, out); see _native.c
+        # (layer, x, h, w, kernel, bias), (layer, x, out) and (layer, x, h, w, stride, out); see _native.c
         sample, vector, apply = (getattr(lib, name + suffix) for name in FUNCTIONS)
-        sample.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer, pointer, pointer]
+        sample.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer]
         vector.argtypes = [ctypes.POINTER(Layer), pointer, pointer]
         apply.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
         sample.restype = vector.restype = apply.restype = ctypes.c_int

@@ -98,8 +98,8 @@ def test_native_one_sample_equals_reference(
     module = _folded_layer(name, stride)
     assert module._folded.native is not None
     calls = []
-    native = module._folded._one_sample_native
-    monkeypatch.setattr(module._folded, "_one_sample_native", lambda x: calls.append(1) or native(x))
+    native = module._folded.one_sample_native
+    monkeypatch.setattr(module._folded, "one_sample_native", lambda x: calls.append(1) or native(x))
     for size in (7, 8, 16):
         x = torch.randn(1, CIN, size, size, generator=torch.Generator().manual_seed(size))
         with torch.no_grad():

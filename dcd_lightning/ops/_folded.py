@@ -75,10 +75,10 @@ def layer_tensors(layer: nn.Module) -> list[Tensor]:
 
 def tensors_version(tensors: list[Tensor]) -> tuple[int, ...]:
     """The in-place version counters of `tensors` (read once per folded forward, so kept lean)."""
-    return tuple(map(_VERSION, tensors))
+    return tuple(map(VERSION, tensors))
 
 
-_VERSION = operator.attrgetter("_version")
+VERSION = operator.attrgetter("_version")
 
 
 class FoldedDCD:
@@ -105,7 +105,7 @@ class FoldedDCD:
 
     def is_current(self) -> bool:
         """True while no parameter or buffer the fold was built from has been changed in place."""
-        return tuple(map(_VERSION, self.sources)) == self.version  # tensors_version, without its call
+        return tuple(map(VERSION, self.sources)) == self.version  # tensors_version, without its call
 
     def _build(self, layer: nn.Module) -> None:
         branch = layer.branch
@@ -179,10 +179,8 @@ class FoldedDCD:
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
         # one sample takes its own paths, except in a recorded graph, which must hold PyTorch calls
-        # (not the C kernel's result) and work at any batch size. The C kernel's case comes first,
-        # with its tests in line: inside MobileNetV2 x0.5 at batch 1, the checks and calls on the
-        # way to it (DCDConv2d.forward's included) cost ~0.08 of the model's time against static,
-        # several times what they cost in a loop over one layer
+        # (not the C kernel's result) and work at any batch size. DCDConv2d.forward sends the C
+        # kernel's case to one_sample_native itself (the same tests, in line there)
         if (
             n == 1
             and self.native is not None
@@ -190,7 +188,7 @@ class FoldedDCD:
             and x.is_contiguous()
             and not torch.jit.is_tracing()
         ):
-            return self._one_sample_native(x)
+            return self.one_sample_native(x)
         if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion and not tracing():
             h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if self.route(h_out, w_out):
@@ -214,6 +212,7 @@ class FoldedDCD:
         fusion in one block, on the CPU, in float32 or float64, with the kernel built."""
         self.native = None
         self.dtype = self.weight.dtype
+        self.kernel_shape = tuple(self.weight.shape)
         self.plans: dict[tuple[int, int], bool] = {}  # forms_kernel's choice per input size
         if not (self.use_native and self.fusion and self.blocks == 1 and self.weight.device.type == "cpu"):
             return
@@ -258,7 +257,7 @@ class FoldedDCD:
         apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out)
         return form <= apply
 
-    def _one_sample_native(self, x: Tensor) -> Tensor:
+    def one_sample_native(self, x: Tensor) -> Tensor:
         """One sample through the C kernel: branch and kernel in one call, then one convolution;
         or the static convolution, then one call for the branch and the residual on the
         activations (see forms_kernel). On a 1x1 map (the dynamic classifier) it computes the
@@ -273,7 +272,7 @@ class FoldedDCD:
         if forms is None:  # the route for this input size
             forms = self.plans[h, w] = self.forms_kernel(h, w)
         if forms:
-            kernel = x.new_empty(self.weight.shape)
+            kernel = x.new_empty(self.kernel_shape)
             bias = x.new_empty(self.out_channels)
             status = function(layer, x.data_ptr(), h, w, kernel.data_ptr(), bias.data_ptr())
             if status:

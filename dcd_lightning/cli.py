@@ -1,17 +1,17 @@
-"""Command line: LightningCLI's fit/validate/test/predict, plus the project's own tools."""
+"""Command line: LightningCLI's fit/validate/test/predict, plus the project's own tools.
+
+Lightning is imported only for its commands (the CLI class is in lightning_cli.py): `--help` and
+the tools start without it (its import takes a few seconds).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-
-from .callbacks import RestoreLoaderPosition, RunCheckpoint, RunLocations, TemperatureSchedule
-from .sweep import TAGS_ENV, TRIAL_ENV
+from .sweep import TRIAL_ENV
 
 TOOLS: dict[str, tuple[str, str]] = {
     "profile": ("dcd_lightning.profile_cmd", "parameters and MAdds of a config's model, beside the paper's"),
@@ -91,104 +91,6 @@ def describe_run(config: dict) -> tuple[str, list[str]]:
     return "_".join(parts), sorted(set(tags))
 
 
-class DCDSaveConfig(SaveConfigCallback):
-    """Write the resolved config beside the logs and send it, with params and MAdds, to W&B.
-
-    When the log folder already holds a config of another run (loggers that do not version their
-    folder), this run's config is written as config-<date>-<time>.yaml instead of replacing it.
-    """
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Pick a file name that does not clash, then save."""
-        if not self.already_saved and self.save_to_log_dir:
-            log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-            if log_dir is not None and os.path.exists(os.path.join(log_dir, self.config_filename)):
-                stamp = trainer.strategy.broadcast(time.strftime("%Y%m%d-%H%M%S"))
-                self.config_filename = f"config-{stamp}.yaml"
-        super().setup(trainer, pl_module, stage)
-
-    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Log the config and the model's size to every W&B logger."""
-        from .loggers import _LightningWandbLogger
-        from .profiling import profile_model
-
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, _LightningWandbLogger)]
-        if not loggers:
-            return
-        size = getattr(trainer.datamodule, "input_size", 224) if trainer.datamodule is not None else 224
-        model = getattr(pl_module, "model", pl_module)
-        profile = profile_model(model, int(size))
-        for logger in loggers:
-            logger.log_hyperparams({"config": self.config.as_dict(), "params": profile.paper_params,
-                                    "params_all": profile.params, "madds": profile.madds})
-
-
-class DCDLightningCLI(LightningCLI):
-    """LightningCLI with the project's defaults.
-
-    - data.num_classes is linked into model.num_classes;
-    - checkpoints go to <default_root_dir>/checkpoints: the best by val/acc1, `last.ckpt` at every
-      epoch end, and `last.ckpt` again when a run stops on an exception, Ctrl-C or SIGTERM, so
-      `--ckpt_path last` resumes it;
-    - loggers without a save_dir write under default_root_dir, W&B runs get a name and tags from
-      the config; DY-Conv layers follow the temperature schedule (`--temperature.*`).
-    """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Project-wide callbacks and links."""
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc1",
-            "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc1:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-            "checkpoint.save_on_exception": True,
-        })
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
-        parser.add_lightning_class_args(TemperatureSchedule, "temperature")
-        parser.add_lightning_class_args(RunLocations, "run_locations")
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        """Drop the project's checkpoint callback when the config switches checkpointing off; add
-        RestoreLoaderPosition (exact mid-epoch resume of stateful loaders)."""
-        if config.get("enable_checkpointing") is False:
-            callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
-        return super()._instantiate_trainer(config, [*callbacks, RestoreLoaderPosition()])
-
-    def before_instantiate_classes(self) -> None:
-        """Put loggers under default_root_dir and name W&B runs from the config."""
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is None:
-            return
-        trainer = config.get("trainer")
-        root = trainer.get("default_root_dir") or "."
-        trial = sweep_trial_folder()
-        if trial:
-            # each sweep trial is its own run: its own logs and checkpoints
-            if config.get("checkpoint") is not None and config["checkpoint"].get("dirpath") == _checkpoint_dir(root):
-                config["checkpoint"]["dirpath"] = _checkpoint_dir(os.path.join(root, trial))
-            root = os.path.join(root, trial)
-            trainer["default_root_dir"] = root
-        loggers = trainer.get("logger")
-        if not loggers or isinstance(loggers, bool):
-            return
-        loggers = loggers if isinstance(loggers, list) else [loggers]
-        name, tags = describe_run(config.as_dict() if hasattr(config, "as_dict") else dict(config))
-        for logger in loggers:
-            init = logger.get("init_args") if hasattr(logger, "get") else None
-            if init is None:
-                continue
-            if "save_dir" in init and init.get("save_dir") in (None, "."):
-                init["save_dir"] = root
-            if str(logger.get("class_path", "")).endswith("WandbLogger"):
-                if not init.get("name") and not os.environ.get("WANDB_SWEEP_ID"):
-                    init["name"] = name  # under a W&B agent the sweep names its runs
-                sweep_tags = [t for t in os.environ.get(TAGS_ENV, "").split(",") if t]
-                init["tags"] = sorted(set(init.get("tags") or tags) | set(sweep_tags))
-
-
 def _tool(name: str) -> Callable[[list[str]], int]:
     import importlib
 
@@ -206,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in TOOLS:
         return _tool(argv[0])(argv[1:])
     from lightning.pytorch import LightningDataModule, LightningModule
+
+    from .lightning_cli import DCDLightningCLI, DCDSaveConfig
 
     DCDLightningCLI(
         LightningModule,

@@ -24,8 +24,9 @@ from .profiling import Profile, profile_model
 
 def model_from_config(configs: list[str], overrides: list[str]) -> tuple[nn.Module, int]:
     """(backbone, input size) of the model a LightningCLI config describes, num_classes linked."""
-    from .cli import DCDLightningCLI
     from lightning.pytorch import LightningDataModule, LightningModule
+
+    from .lightning_cli import DCDLightningCLI
 
     args: list[str] = []
     for config in configs:

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline W&B, and a tiny ImageNet-layout image folder generated on the fly."""
+"""Shared fixtures: offline W&B, a tiny ImageNet-layout image folder generated on the fly, and the
+ONNX export of every registry model started in the background (see pytest_collection_finish)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,31 @@ def tiny_imagenet_args(root: Path) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
+
+
+ONNX_TEST = "test_onnx_export_of_every_registry_model_runs_at_another_batch_size"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the ONNX test of every registry model last: its exports run in the background meanwhile."""
+    last = [item for item in items if item.name == ONNX_TEST]
+    items[:] = [item for item in items if item.name != ONNX_TEST] + last
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the ONNX test is to run, start its exports now, in one child process: ~1.5 minutes of
+    single-threaded work that then overlaps the rest of the suite instead of adding to it; the test
+    collects and checks the results (test_deploy.background_onnx_errors)."""
+    if not session.config.option.collectonly and any(item.name == ONNX_TEST for item in session.items):
+        import test_deploy
+
+        test_deploy.start_background_onnx_exports()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the background exports if the ONNX test did not collect them (a failure before it)."""
+    import sys
+
+    module = sys.modules.get("test_deploy")
+    if module is not None:
+        module.stop_background_onnx_exports()

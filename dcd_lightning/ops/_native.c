@@ -189,8 +189,9 @@ static long NAME(scratch_size)(const dcd_layer *layer, long w) {
     return layer->c_in * layer->pool * layer->pool + 2 * layer->hidden + w;
 }
 
-/* 64 bytes of T in one value (a vector register of AVX-512, two of AVX2), loadable from any address */
-typedef T NAME(vec) __attribute__((vector_size(64), aligned(sizeof(T))));
+/* 64 bytes of T in one value (a vector register of AVX-512, two of AVX2), loadable from any address
+   and allowed to alias arrays of T (they are read and written through it) */
+typedef T NAME(vec) __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
 #define LANES ((long)(64 / sizeof(T)))
 
 /* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 4 or 1) and wv vectors of columns (wv = 4 or 1)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 SUFFIXES = {torch.float32: "_f32", torch.float64: "_f64"}
 
 

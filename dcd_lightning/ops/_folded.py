@@ -74,7 +74,8 @@ def layer_tensors(layer: nn.Module) -> list[Tensor]:
 
 
 def tensors_version(tensors: list[Tensor]) -> tuple[int, ...]:
-    """The in-place version counters of `tensors` (read once per folded forward, so kept lean)."""
+    """The in-place version counters of `tensors` (DCDConv2d.forward reads them once per folded
+    forward, with this expression written out)."""
     return tuple(map(VERSION, tensors))
 
 
@@ -105,7 +106,7 @@ class FoldedDCD:
 
     def is_current(self) -> bool:
         """True while no parameter or buffer the fold was built from has been changed in place."""
-        return tuple(map(VERSION, self.sources)) == self.version  # tensors_version, without its call
+        return tensors_version(self.sources) == self.version
 
     def _build(self, layer: nn.Module) -> None:
         branch = layer.branch
@@ -179,16 +180,8 @@ class FoldedDCD:
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
         # one sample takes its own paths, except in a recorded graph, which must hold PyTorch calls
-        # (not the C kernel's result) and work at any batch size. DCDConv2d.forward sends the C
-        # kernel's case to one_sample_native itself (the same tests, in line there)
-        if (
-            n == 1
-            and self.native is not None
-            and x.dtype == self.dtype
-            and x.is_contiguous()
-            and not torch.jit.is_tracing()
-        ):
-            return self.one_sample_native(x)
+        # (not the C kernel's result) and work at any batch size. The C kernel's case never gets
+        # here: DCDConv2d.forward, this method's only caller, sends it to one_sample_native itself
         if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion and not tracing():
             h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if self.route(h_out, w_out):

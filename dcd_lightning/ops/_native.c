@@ -12,9 +12,10 @@
  *     kernel  = lam W0' + P (Phi' Q1)            (added at the centre tap of a k x k kernel)
  *     bias    = lam b0 + P (Phi' c1) + P c2
  *
- * and returns kernel and bias for one ordinary convolution (dcd_one_sample). dcd_one_vector does a 1x1 layer on a 1x1 map (the dynamic classifier) without forming a kernel,
- * in matrix-vector products. dcd_one_sample_apply is the activation route: after the caller's
- * convolution with W0', it runs the branch and adds the low-rank residual to that output in place,
+ * and returns kernel and bias for one ordinary convolution (dcd_one_sample). dcd_one_vector does
+ * a 1x1 layer on a 1x1 map (the dynamic classifier) without forming a kernel, in matrix-vector
+ * products. dcd_one_sample_apply is the activation route: after the caller's convolution with
+ * W0', it runs the branch and adds the low-rank residual to that output in place,
  *
  *     out = lam out + P (Phi' (Q1 xs + c1)) + P c2      (xs: x at the centre taps)
  *
@@ -28,8 +29,8 @@
  * Built at first use by ops/_native.py with -fopenmp-simd (vectorisation hints only: no threads
  * are started) and -ffp-contract=fast (a += b * c as one fused multiply-add; in ISO C mode GCC
  * otherwise leaves them apart, at ~2/3 of the speed); the PyTorch path stays where no C compiler
- * is found. The file includes itself
- * once per floating-point type: the part below the #else is the body, written for a type T.
+ * is found. The file includes itself once per floating-point type: the part below the #else is
+ * the body, written for a type T.
  */
 
 #ifndef T

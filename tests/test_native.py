@@ -113,23 +113,31 @@ def test_native_one_sample_equals_reference(
         assert_close_relative(module(x), expected, 1e-10)
 
 
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("route", ["form", "activations"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
-def test_native_blocked_products_at_uneven_sizes(route: str, kernel_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sizes that leave partial blocks everywhere in the C kernel's blocked products: 70 input and
-    37 output channels, latent 5 (rows not a multiple of 4, columns not of 16), maps of 9x9 and
-    10x10 (81 and 100 columns: one block of 64, then single vectors), stride 1 and 2 (float64)."""
+def test_native_blocked_products_at_uneven_sizes(
+    route: str, kernel_size: int, whole: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sizes that leave partial blocks everywhere in the C kernel's blocked products: 70 or 150 input
+    and 37 output channels, latent 5 (rows not a multiple of 4, columns not of 8 or 16), maps of
+    9x9 and 10x10 (81 and 100 columns: blocks of four vectors, then smaller ones, the last partial),
+    stride 1 and 2 (float64). With `whole`, a 1x1 stride-1 layer does its convolution in the kernel
+    too: a product that reads x itself (its last vector copied, padded) over 150 rows in two parts
+    (KC = 128), in both loop orders."""
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(_folded.FoldedDCD, "forms_kernel", lambda self, h, w: route == "form")
-    for stride in (1, 2):
-        layer = DCDConv2d(70, 37, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
+    monkeypatch.setattr(_folded, "WHOLE_MADDS", 10**12 if whole else 0)
+    for stride, c_in in ((1, 70), (2, 70), (1, 150)):
+        layer = DCDConv2d(c_in, 37, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
         module = optimize_for_inference(randomise(layer.double(), seed=stride))
         assert module._folded.native is not None
         for size in (9, 10):
-            x = torch.randn(1, 70, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+            x = torch.randn(1, c_in, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
             with torch.no_grad():
                 assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+            assert module._folded.plans[size, size][1] == (whole and kernel_size == 1 and stride == 1)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -256,7 +264,7 @@ def test_copies_and_pickles_keep_the_kernel() -> None:
     layers = [m for m in copied.modules() if isinstance(m, DCDConv2d) and m._folded is not None]
     assert layers and all(m._folded.native is not None for m in layers)
     original = next(m for m in model.modules() if isinstance(m, DCDConv2d))
-    assert layers[0]._folded.native[4]["weight"].data_ptr() != original._folded.native[4]["weight"].data_ptr()
+    assert layers[0]._folded.native[-1]["weight"].data_ptr() != original._folded.native[-1]["weight"].data_ptr()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close_relative(copied(x), model(x), 1e-12)

@@ -60,6 +60,12 @@ def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> 
 # often (its MAdds halved), 1.284-1.285 less often (x2, x4); ResNet-18 1.075 / 1.070 / 1.120
 ELEMENT_MADDS = 4
 
+# a 1x1, stride-1 layer whose convolution takes at most this many multiply-adds runs whole in the C
+# kernel (branch, kernel or residual, and the convolution as a matrix product), which spares two
+# allocations and a PyTorch call; larger ones leave the convolution to PyTorch, whose matrix
+# products are faster at that size
+WHOLE_MADDS = 20_000_000
+
 
 def tracing() -> bool:
     """True while jit.trace records a graph (also the TorchScript ONNX exporter): the one-sample
@@ -206,7 +212,7 @@ class FoldedDCD:
         self.native = None
         self.dtype = self.weight.dtype
         self.kernel_shape = tuple(self.weight.shape)
-        self.plans: dict[tuple[int, int], bool] = {}  # forms_kernel's choice per input size
+        self.plans: dict[tuple[int, int], tuple[bool, bool]] = {}  # the route per input size (plan)
         if not (self.use_native and self.fusion and self.blocks == 1 and self.weight.device.type == "cpu"):
             return
         functions = _native.functions(self.weight.dtype)
@@ -250,20 +256,37 @@ class FoldedDCD:
         apply = h_out * w_out * (c_in * latent + latent * latent + c_out * latent + c_out)
         return form <= apply
 
+    def plan(self, height: int, width: int) -> tuple[bool, bool]:
+        """The batch-1 route for this input size: (forms_kernel, whole in the C kernel)."""
+        whole = (
+            self.kernel_size == 1
+            and self.stride == 1
+            and self.padding == 0
+            and self.out_channels * self.in_channels * height * width <= WHOLE_MADDS
+        )
+        return self.forms_kernel(height, width), whole
+
     def one_sample_native(self, x: Tensor) -> Tensor:
         """One sample through the C kernel: branch and kernel in one call, then one convolution;
         or the static convolution, then one call for the branch and the residual on the
-        activations (see forms_kernel). On a 1x1 map (the dynamic classifier) it computes the
-        output itself."""
-        function, vector_function, apply_function, layer, _ = self.native
+        activations (see forms_kernel). A 1x1 stride-1 layer up to WHOLE_MADDS, and any 1x1 layer
+        on a 1x1 map (the dynamic classifier), is one call that computes the output itself."""
+        function, vector_function, apply_function, whole_function, layer, _ = self.native
         h, w = x.shape[2], x.shape[3]
         if h == w == 1 and self.kernel_size == 1:  # a dynamic linear layer: matrix-vector products
             out = x.new_empty(1, self.out_channels, 1, 1)
             _native.check(vector_function(layer, x.data_ptr(), out.data_ptr()))
             return out
-        forms = self.plans.get((h, w))
-        if forms is None:  # the route for this input size
-            forms = self.plans[h, w] = self.forms_kernel(h, w)
+        plan = self.plans.get((h, w))
+        if plan is None:  # the route for this input size
+            plan = self.plans[h, w] = self.plan(h, w)
+        forms, whole = plan
+        if whole:  # 1x1, stride 1: the convolution is a matrix product, done in the same call
+            out = x.new_empty(1, self.out_channels, h, w)
+            status = whole_function(layer, x.data_ptr(), h, w, forms, out.data_ptr())
+            if status:
+                _native.check(status)
+            return out
         if forms:
             kernel = x.new_empty(self.kernel_shape)
             bias = x.new_empty(self.out_channels)

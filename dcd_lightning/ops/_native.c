@@ -19,7 +19,9 @@
  *
  *     out = lam out + P (Phi' (Q1 xs + c1)) + P c2      (xs: x at the centre taps)
  *
- * with small register-blocked matrix products (matmul), no kernel formed.
+ * with small register-blocked matrix products (matmul), no kernel formed. dcd_one_sample_1x1 does
+ * a whole 1x1, stride-1 layer, either route, its convolution included (for one sample a matrix
+ * product, W x, by the same matmul).
  *
  * Matrices are row-major and contiguous; x is one sample (c_in, h, w). The branch's first two
  * products (fc, se: few outputs from many inputs) are dot products, four rows at a time (dots);
@@ -197,15 +199,16 @@ static long NAME(scratch_size)(const dcd_layer *layer, long w) {
 typedef T NAME(vec) __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
 #define LANES ((long)(64 / sizeof(T)))
 
-/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 4 or 1) and wv vectors of columns (wv = 4 or 1)
-   from column i0 of a b, in nr x wv vector accumulators (4 x 4: sixteen registers, each row of b
+/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 8, 4 or 1) and wv vectors of columns (wv = 1 to
+   4) from column i0 of a b, in nr x wv vector accumulators (4 x 4: sixteen registers, each row of b
    loaded once for four rows of a), then the epilogue for the columns below n. Called with
-   constant nr and wv, so each use is compiled for its own sizes. */
-static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, const T *a, long k, const T *b,
+   constant nr and wv, so each use is compiled for its own sizes; a block needs at least eight
+   accumulators to keep both FMA units busy (each add waits ~4 cycles for the one before it). */
+static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, const T *a, long lda, long k, const T *b,
                                                               long ldb, long i0, long n, long r0, const int nr,
                                                               const int wv, const T *scale, const T *base,
                                                               long ldbase, const T *shift) {
-    NAME(vec) acc[4][4];
+    NAME(vec) acc[8][4];
     for (int r = 0; r < nr; ++r)
         for (int q = 0; q < wv; ++q) acc[r][q] = (NAME(vec)){0};
     for (long j = 0; j < k; ++j) {
@@ -213,7 +216,7 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
         NAME(vec) v[4];
         for (int q = 0; q < wv; ++q) v[q] = row[q];
         for (int r = 0; r < nr; ++r) {
-            const T c = a[(r0 + r) * k + j];
+            const T c = a[(r0 + r) * lda + j];
             for (int q = 0; q < wv; ++q) acc[r][q] += c * v[q];
         }
     }
@@ -223,29 +226,124 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
         const T g = scale ? scale[o] : (T)1, s = shift ? shift[o] : (T)0;
         T *dst = out + o * ldo + i0, sums[4 * 64 / sizeof(T)];
         const T *src = base ? base + o * ldbase + i0 : NULL;
+        if (len == wv * LANES) { /* whole vectors */
+            for (int q = 0; q < wv; ++q) {
+                NAME(vec) value = acc[r][q] + s;
+                if (src) value += g * ((const NAME(vec) *)src)[q];
+                ((NAME(vec) *)dst)[q] = value;
+            }
+            continue;
+        }
         for (int q = 0; q < wv; ++q) ((NAME(vec) *)sums)[q] = acc[r][q];
         for (long i = 0; i < len; ++i) dst[i] = (src ? g * src[i] : 0) + sums[i] + s;
     }
 }
 
-/* out[r, i] = scale[r] base[r, i] + shift[r] + sum_j a[r, j] b[j, i] for r < rows, i < n, with
-   a (rows x k, row-major), b (k x ldb), scale, base and shift optional (1, 0, 0). b is read in
-   blocks of LANES columns up to n rounded up to 16, so ldb must be at least that; base may be out
-   (each value is read before it is written). */
-static void NAME(matmul)(T *out, long ldo, const T *a, long rows, long k, const T *b, long ldb, long n,
-                         const T *scale, const T *base, long ldbase, const T *shift) {
-    long r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) {
-        long i0 = 0;
-        for (; i0 + 4 * LANES <= n; i0 += 4 * LANES)
-            NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 4, 4, scale, base, ldbase, shift);
-        for (; i0 < n; i0 += LANES) NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 4, 1, scale, base, ldbase, shift);
+/* one block of wv (1 to 4) vectors at column i0, read from the padded copy `tail` of b's last
+   columns when i0 is where that copy starts */
+static inline __attribute__((always_inline)) void NAME(any_block)(T *out, long ldo, const T *a, long lda, long k,
+                                                                  const T *b, long ldb, long n, long r0, const int nr,
+                                                                  long i0, long wv, const T *tail, long i_tail,
+                                                                  const T *scale, const T *base, long ldbase,
+                                                                  const T *shift) {
+    if (tail && i0 == i_tail) {
+        out += i0, n -= i0, b = tail, ldb = wv * LANES, i0 = 0;
+        base = base ? base + i_tail : NULL;
     }
-    for (; r0 < rows; ++r0) {
-        long i0 = 0;
-        for (; i0 + 4 * LANES <= n; i0 += 4 * LANES)
-            NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 1, 4, scale, base, ldbase, shift);
-        for (; i0 < n; i0 += LANES) NAME(block)(out, ldo, a, k, b, ldb, i0, n, r0, 1, 1, scale, base, ldbase, shift);
+    if (wv == 4) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 4, scale, base, ldbase, shift);
+    if (wv == 3) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 3, scale, base, ldbase, shift);
+    if (wv == 2) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 2, scale, base, ldbase, shift);
+    if (wv == 1) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 1, scale, base, ldbase, shift);
+}
+
+/* matmul for up to KC rows of b at a time (see matmul); a's rows are lda apart */
+static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, long k, const T *b, long ldb,
+                             long n, const T *scale, const T *base, long ldbase, const T *shift) {
+    /* the columns in blocks of four vectors, then up to two smaller ones (never a lone vector
+       after fours: 4 + 1 becomes 3 + 2, as a block needs eight accumulators or more to be fast) */
+    const long vectors = (n + LANES - 1) / LANES;
+    long fours = vectors / 4, first = vectors % 4, second = 0;
+    if (first == 1 && fours > 0) fours -= 1, first = 3, second = 2;
+    const long wide = fours * 4 * LANES, last = second ? second : (first ? first : 4);
+    const long i_tail = (vectors - last) * LANES;
+    T *tail = NULL;
+    if (ldb < vectors * LANES && n % LANES) { /* b's rows end inside the last vector: copy the last block */
+        const long ld = last * LANES;
+        tail = malloc(sizeof(T) * k * ld);
+        if (!tail) return 1;
+        for (long j = 0; j < k; ++j)
+            for (long i = 0; i < ld; ++i) tail[j * ld + i] = i_tail + i < n ? b[j * ldb + i_tail + i] : 0;
+    }
+#define COLUMNS(r0, nr, i_from)                                                                                  \
+    do {                                                                                                         \
+        long i0 = (i_from);                                                                                      \
+        for (; i0 < wide; i0 += 4 * LANES)                                                                       \
+            NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0, 4, tail, i_tail, scale, base, ldbase, shift); \
+        if (first) NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0, first, tail, i_tail, scale, base, ldbase, shift); \
+        if (second)                                                                                              \
+            NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0 + first * LANES, second, tail, i_tail, scale, \
+                            base, ldbase, shift);                                                                \
+    } while (0)
+    long r0;
+    if (k * ldb * (long)sizeof(T) <= (32 << 10)) { /* b fits in L1: four rows of a at a time */
+        for (r0 = 0; r0 + 4 <= rows; r0 += 4) COLUMNS(r0, 4, 0);
+    } else { /* panels of b (k x 4 vectors) outermost, each kept in cache for all the rows of a */
+        for (long i0 = 0; i0 < wide; i0 += 4 * LANES)
+            for (r0 = 0; r0 + 4 <= rows; r0 += 4)
+                NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, 4, i0, 4, tail, i_tail, scale, base, ldbase, shift);
+        for (r0 = 0; r0 + 4 <= rows; r0 += 4) COLUMNS(r0, 4, wide);
+    }
+    for (; r0 < rows; ++r0) COLUMNS(r0, 1, 0);
+#undef COLUMNS
+    free(tail);
+    return 0;
+}
+
+/* rows of b per part of a long product: a panel of KC rows x 4 vectors (32 KB) stays in L1 */
+#define KC 128
+
+/* out[r, i] = scale[r] base[r, i] + shift[r] + sum_j a[r, j] b[j, i] for r < rows, i < n, with
+   a (rows x k, row-major), b (k rows, ldb apart), scale, base and shift optional (1, 0, 0). b is read
+   in whole vectors of LANES columns: where its rows can be read that far (ldb at least n rounded up
+   to LANES, as in the padded scratch matrices) in place; otherwise the last, partial vector of
+   columns is copied into a zero-padded block first. Over KC rows of b at a time: the first part
+   writes out, the others add to it. base may be out (each value is read before it is written).
+   Returns 1 when there is no memory for the padded block, else 0. */
+static int NAME(matmul)(T *out, long ldo, const T *a, long rows, long k, const T *b, long ldb, long n,
+                        const T *scale, const T *base, long ldbase, const T *shift) {
+    int status = 0;
+    for (long j0 = 0; j0 < k; j0 += KC) { /* k >= 1 */
+        const long kc = k - j0 < KC ? k - j0 : KC;
+        if (j0 == 0)
+            status |= NAME(matmul_part)(out, ldo, a, k, rows, kc, b, ldb, n, scale, base, ldbase, shift);
+        else
+            status |= NAME(matmul_part)(out, ldo, a + j0, k, rows, kc, b + j0 * ldb, ldb, n, NULL, out, ldo, NULL);
+    }
+    return status;
+}
+
+/* t = Phi' Q1 (L x c_in, rows ld apart, zero past c_in) and v = Phi' c1 (L) */
+static void NAME(latent_rows)(const dcd_layer *layer, const T *phi, T *t, long ld, T *v) {
+    const long c_in = layer->c_in, latent = layer->latent;
+    const T *compress = (const T *)layer->compress, *c1 = (const T *)layer->latent_bias;
+    for (long a = 0; a < latent; ++a) {
+        NAME(combine)(t + a * ld, c_in, NULL, 1, phi + a * latent, compress, latent, c_in);
+        for (long i = c_in; i < ld; ++i) t[a * ld + i] = 0;
+        v[a] = 0;
+        if (c1)
+            for (long b = 0; b < latent; ++b) v[a] += phi[a * latent + b] * c1[b];
+    }
+}
+
+/* the sample's bias: bias[o] = lam[o] b0[o] + P[o] v + (P c2)[o] */
+static void NAME(sample_bias)(const dcd_layer *layer, const T *lam, const T *v, T *bias_out) {
+    const long c_out = layer->c_out, latent = layer->latent;
+    const T *expand = (const T *)layer->expand, *b0 = (const T *)layer->bias, *c2 = (const T *)layer->expand_bias;
+    for (long o = 0; o < c_out; ++o) {
+        const T *p = expand + o * latent;
+        T value = b0 ? (lam ? lam[o] : (T)1) * b0[o] : 0;
+        for (long a = 0; a < latent; ++a) value += p[a] * v[a];
+        bias_out[o] = c2 ? value + c2[o] : value;
     }
 }
 
@@ -261,19 +359,9 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
     T *coef = scratch + n_branch, *t = coef + n_coef, *v = t + latent * ld, *residual = v + latent;
 
     NAME(coefficients)(layer, x, h, w, coef, scratch);
-    /* with t = Phi' Q1 (L x c_in) and v = Phi' c1, per output channel o:
-       kernel[o] = lam W0'[o] + P[o] t (at the centre tap of a k x k kernel),
-       bias[o] = lam b0[o] + P[o] v + (P c2)[o] */
-    const T *phi = coef + n_att, *expand = (const T *)layer->expand, *compress = (const T *)layer->compress;
-    const T *b0 = (const T *)layer->bias, *c1 = (const T *)layer->latent_bias, *c2 = (const T *)layer->expand_bias;
-    const T *weight = (const T *)layer->weight, *lam = n_att ? coef : NULL;
-    for (long a = 0; a < latent; ++a) {
-        NAME(combine)(t + a * ld, c_in, NULL, 1, phi + a * latent, compress, latent, c_in);
-        for (long i = c_in; i < ld; ++i) t[a * ld + i] = 0;
-        v[a] = 0;
-        if (c1)
-            for (long b = 0; b < latent; ++b) v[a] += phi[a * latent + b] * c1[b];
-    }
+    /* kernel[o] = lam W0'[o] + P[o] t (at the centre tap of a k x k kernel) */
+    const T *expand = (const T *)layer->expand, *weight = (const T *)layer->weight, *lam = n_att ? coef : NULL;
+    NAME(latent_rows)(layer, coef + n_att, t, ld, v);
     if (taps == 1) { /* kernel = lam W0' + P t, all rows in one blocked product */
         NAME(matmul)(kernel, c_in, expand, c_out, latent, t, ld, c_in, lam, weight, c_in, NULL);
     } else { /* lam W0', then the 1x1 residual P t into the centre taps */
@@ -286,14 +374,48 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
             for (long i = 0; i < c_in; ++i) out[i * taps + centre] += r[i];
         }
     }
-    for (long o = 0; o < c_out; ++o) {
-        const T *p = expand + o * latent;
-        T value = b0 ? (lam ? lam[o] : (T)1) * b0[o] : 0;
-        for (long a = 0; a < latent; ++a) value += p[a] * v[a];
-        bias_out[o] = c2 ? value + c2[o] : value;
-    }
+    NAME(sample_bias)(layer, lam, v, bias_out);
     free(scratch);
     return 0;
+}
+
+/* The whole of a 1x1, stride-1 layer for one sample, its convolution included: out (c_out x h w)
+   from x (c_in x h w). With `forms`, the sample's kernel and bias as in dcd_one_sample, then
+   out = kernel x + bias; otherwise the activation route,
+       out = lam (W0' x + b0) + P (Phi' (Q1 x + c1)) + P c2.
+   A 1x1 convolution of one sample is a matrix product; doing it here spares the caller two
+   allocations and a PyTorch call per layer. */
+int NAME(dcd_one_sample_1x1)(const dcd_layer *layer, const T *x, long h, long w, long forms, T *out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent, n = h * w;
+    const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
+    const long n_branch = NAME(scratch_size)(layer, w);
+    const long ld = ((forms ? c_in : n) + 15) / 16 * 16; /* padded rows: t, or z and fused */
+    const long n_work = forms ? latent * (ld + 1) + c_out * (c_in + 1) : 2 * latent * ld;
+    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + n_work));
+    if (!scratch) return 1;
+    T *coef = scratch + n_branch, *work = coef + n_coef, *lam = n_att ? coef : NULL;
+    const T *phi = coef + n_att, *weight = (const T *)layer->weight, *expand = (const T *)layer->expand;
+    int status;
+
+    NAME(coefficients)(layer, x, h, w, coef, scratch);
+    if (forms) {
+        T *t = work, *v = t + latent * ld, *kernel = v + latent, *bias = kernel + c_out * c_in;
+        NAME(latent_rows)(layer, phi, t, ld, v);
+        NAME(matmul)(kernel, c_in, expand, c_out, latent, t, ld, c_in, lam, weight, c_in, NULL);
+        NAME(sample_bias)(layer, lam, v, bias);
+        status = NAME(matmul)(out, n, kernel, c_out, c_in, x, n, n, NULL, NULL, 0, bias);
+    } else {
+        T *z = work, *fused = z + latent * ld;
+        status = NAME(matmul)(z, ld, (const T *)layer->compress, latent, c_in, x, n, n, NULL, NULL, 0,
+                              (const T *)layer->latent_bias);
+        for (long a = 0; a < latent; ++a) /* defined padding (lanes the last product computes, never stores) */
+            for (long i = n; i < ld; ++i) z[a * ld + i] = 0;
+        NAME(matmul)(fused, ld, phi, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
+        status |= NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, (const T *)layer->bias);
+        NAME(matmul)(out, n, expand, c_out, latent, fused, ld, n, lam, out, n, (const T *)layer->expand_bias);
+    }
+    free(scratch);
+    return status;
 }
 
 /* The activation route of one sample, after the caller's convolution with W0': given out =
@@ -362,5 +484,6 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
 }
 
 #undef LANES
+#undef KC
 
 #endif

@@ -140,21 +140,23 @@ def _load() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
     for suffix in SUFFIXES.values():
-        # (layer, x, h, w, kernel, bias), (layer, x, out) and (layer, x, h, w, stride, out); see _native.c
-        sample, vector, apply = (getattr(lib, name + suffix) for name in FUNCTIONS)
+        # (layer, x, h, w, kernel, bias), (layer, x, out), (layer, x, h, w, stride, out) and
+        # (layer, x, h, w, forms, out); see _native.c
+        sample, vector, apply, whole = (getattr(lib, name + suffix) for name in FUNCTIONS)
         sample.argtypes = [ctypes.POINTER(Layer), pointer, size, size, pointer, pointer]
         vector.argtypes = [ctypes.POINTER(Layer), pointer, pointer]
         apply.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
-        sample.restype = vector.restype = apply.restype = ctypes.c_int
+        whole.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
+        sample.restype = vector.restype = apply.restype = whole.restype = ctypes.c_int
     return lib
 
 
-FUNCTIONS = ("dcd_one_sample", "dcd_one_vector", "dcd_one_sample_apply")
+FUNCTIONS = ("dcd_one_sample", "dcd_one_vector", "dcd_one_sample_apply", "dcd_one_sample_1x1")
 
 
 def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ...] | None:
-    """The kernel's (dcd_one_sample, dcd_one_vector, dcd_one_sample_apply) for tensors of `dtype`,
-    or None."""
+    """The kernel's (dcd_one_sample, dcd_one_vector, dcd_one_sample_apply, dcd_one_sample_1x1) for
+    tensors of `dtype`, or None."""
     lib = library() if dtype in SUFFIXES else None
     if lib is None:
         return None

@@ -8,6 +8,8 @@ import itertools
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .ops._folded import share_version_counter
+
 
 def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, native: bool = True) -> nn.Module:
     """Return `model` for inference: eval mode, each DCD layer's eval-mode constants folded.
@@ -36,6 +38,8 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
     for module in model.modules():
         fold = getattr(module, "fold_for_inference", None)
         if callable(fold):
+            if fold_batch_norms:  # a copy of our own: one version counter per layer (see share_version_counter)
+                share_version_counter(module, model)
             fold(native=native)
     return model
 

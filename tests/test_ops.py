@@ -251,6 +251,42 @@ def test_fold_is_dropped_when_stale() -> None:
     assert module._folded is None
 
 
+def test_optimised_copy_watches_one_shared_version_counter() -> None:
+    """optimize_for_inference's copy makes each DCD layer's parameters and buffers (its folded
+    output norm's included) views of one base: the fold reads one version counter, and an in-place
+    change to any one of its 18 tensors still stops its use. A copy of that model, whose tensors
+    no longer share a counter, watches each; a tensor another module also holds is left alone."""
+
+    def build() -> nn.Sequential:
+        layer = DCDConv2d(CIN, COUT, 1, reduction=2, latent_norm=True, gate="hard_sigmoid", route="activations")
+        return randomise(nn.Sequential(layer, nn.BatchNorm2d(COUT)).double())
+
+    x = torch.randn(1, CIN, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    count = len(optimize_for_inference(build())[0]._folded.sources)
+    assert count == 18
+    for index in range(count):
+        model = optimize_for_inference(build())
+        folded = model[0]._folded
+        assert len(folded.watched) == 1 and folded.is_current()
+        with torch.no_grad():
+            folded.sources[index].mul_(1.5)  # positive factor: a running variance stays valid
+            assert not folded.is_current(), index
+            unfolded = copy.deepcopy(model)
+            unfolded[0]._folded = None
+            assert_close_relative(model(x), unfolded(x), 1e-12)
+    model = copy.deepcopy(optimize_for_inference(build()))
+    folded = model[0]._folded
+    assert len(folded.watched) == count and folded.is_current()
+    with torch.no_grad():
+        folded.sources[-1].mul_(1.5)
+    assert not folded.is_current()
+    tied = build()
+    holder = nn.Module()
+    holder.register_parameter("expand", tied[0].expand)
+    model = optimize_for_inference(nn.Sequential(*tied, holder))
+    assert len(model[0]._folded.watched) == count and model[2].expand is model[0].expand
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", sorted(LINEAR_VARIANTS))
 def test_linear_fast_equals_reference(name: str, training: bool) -> None:

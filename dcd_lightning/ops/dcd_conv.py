@@ -376,13 +376,14 @@ class DCDConv2d(nn.Module):
             and x.dim() == 4
             and x.shape[1] == self.in_channels
             and not torch.compiler.is_compiling()  # a compiler traces the plain path and fuses it itself
-            and folded.version == tuple(map(VERSION, folded.sources))  # folded.is_current()
+            and folded.version == tuple(map(VERSION, folded.watched))  # folded.is_current()
         ):
             # the inference fold, with its checks written out here rather than called: inside
             # MobileNetV2 x0.5 at batch 1 the Python on the way to the C kernel cost several times
             # what it costs in a loop over one layer (measured against static in the same runs:
             # this forward bypassed, 0.06-0.07 less; the version check over the fold's 19
-            # tensors alone, 0.03-0.04: each read reaches memory the convolutions have evicted)
+            # tensors alone, 0.03-0.04: each read reaches memory the convolutions have evicted;
+            # in optimize_for_inference's copy they share one counter and one read does)
             if (
                 folded.native is not None
                 and x.shape[0] == 1

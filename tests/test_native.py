@@ -132,12 +132,48 @@ def test_native_blocked_products_at_uneven_sizes(
     for stride, c_in in ((1, 70), (2, 70), (1, 150)):
         layer = DCDConv2d(c_in, 37, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
         module = optimize_for_inference(randomise(layer.double(), seed=stride))
-        assert module._folded.native is not None
+        calls = count_whole_calls(module._folded)
         for size in (9, 10):
             x = torch.randn(1, c_in, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
             with torch.no_grad():
                 assert_close_relative(module(x), module.reference_forward(x), 1e-10)
-            assert module._folded.plans[size, size][1] == (whole and kernel_size == 1 and stride == 1)
+        assert len(calls) == (2 if whole and kernel_size == 1 and stride == 1 else 0)
+
+
+def count_whole_calls(folded: _folded.FoldedDCD) -> list[int]:
+    """Record each call of the fold's dcd_one_sample_1x1 (the list of its `forms` arguments)."""
+    assert folded.native is not None
+    calls: list[int] = []
+    whole_function = folded.native[3]
+
+    def counted(*args: object) -> int:
+        calls.append(args[4])
+        return whole_function(*args)
+
+    folded.native = (*folded.native[:3], counted, *folded.native[4:])
+    return calls
+
+
+def test_whole_layer_limit_shrinks_with_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1x1 layer runs whole in the C kernel up to WHOLE_MADDS at one or two threads; at four, only
+    up to half of it (the C kernel runs on one thread, PyTorch's convolution on all). The route is
+    planned at the first call for an input size."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    module = optimize_for_inference(randomise(DCDConv2d(32, 16, 1, latent_dim=4).double(), seed=0))
+    calls = count_whole_calls(module._folded)
+    x = torch.randn(1, 32, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(_folded, "WHOLE_MADDS", 32 * 16 * 8 * 8)  # exactly this layer's convolution
+    threads = torch.get_num_threads()
+    try:
+        for count, expected in ((1, 1), (2, 2), (4, 2)):
+            torch.set_num_threads(count)
+            module._folded.plans.clear()
+            with torch.no_grad():
+                assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+            assert len(calls) == expected, count
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -63,7 +63,11 @@ ELEMENT_MADDS = 4
 # a 1x1, stride-1 layer whose convolution takes at most this many multiply-adds runs whole in the C
 # kernel (branch, kernel or residual, and the convolution as a matrix product), which spares two
 # allocations and a PyTorch call; larger ones leave the convolution to PyTorch, whose matrix
-# products are faster at that size
+# products are faster at that size (ResNet-50's 51M-MAdd layers: 1.08 -> 1.12 whole). The C kernel
+# runs on one thread: with more than two PyTorch threads the limit shrinks in proportion (measured
+# at one and two threads, where every MobileNetV2 layer gains whole: x0.5 at two threads 1.21 ->
+# 0.95-0.96 of static, x1.0 1.27 -> 1.22; beyond, a guess that leaves the larger convolutions to
+# PyTorch's threads)
 WHOLE_MADDS = 20_000_000
 
 
@@ -303,12 +307,15 @@ class FoldedDCD:
         return form <= apply
 
     def plan(self, height: int, width: int) -> tuple[bool, bool]:
-        """The batch-1 route for this input size: (forms_kernel, whole in the C kernel)."""
+        """The batch-1 route for this input size: (forms_kernel, whole in the C kernel), made at the
+        first call with that size for the number of PyTorch threads then (see WHOLE_MADDS; a new
+        fold plans anew)."""
+        madds = self.out_channels * self.in_channels * height * width
         whole = (
             self.kernel_size == 1
             and self.stride == 1
             and self.padding == 0
-            and self.out_channels * self.in_channels * height * width <= WHOLE_MADDS
+            and madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
         )
         return self.forms_kernel(height, width), whole
 

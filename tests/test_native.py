@@ -299,6 +299,7 @@ def test_copies_and_pickles_keep_the_kernel() -> None:
     copied = copy.deepcopy(model)
     layers = [m for m in copied.modules() if isinstance(m, DCDConv2d) and m._folded is not None]
     assert layers and all(m._folded.native is not None for m in layers)
+    assert all(m._folded.is_current() for m in layers)  # the copy's folds are used, not stale
     original = next(m for m in model.modules() if isinstance(m, DCDConv2d))
     assert layers[0]._folded.native[-1]["weight"].data_ptr() != original._folded.native[-1]["weight"].data_ptr()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -308,6 +309,7 @@ def test_copies_and_pickles_keep_the_kernel() -> None:
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
+    assert all(m._folded.is_current() for m in loaded.modules() if isinstance(m, DCDConv2d) and m._folded is not None)
     with torch.no_grad():
         assert_close_relative(loaded(x), model(x), 1e-10)
 

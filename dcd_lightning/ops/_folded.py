@@ -151,13 +151,14 @@ class FoldedDCD:
         if this fold was current)."""
         state = dict(self.__dict__)
         state["native"] = None
-        state["version"] = self.is_current()
+        state["current"] = self.is_current()
         return state
 
     def __setstate__(self, state: dict) -> None:
+        current = state.pop("current", False)  # a fold pickled before this key: treated as stale
         self.__dict__.update(state)
         self.watched = tuple(self.sources)
-        self.version = tensors_version(self.watched) if state["version"] else None
+        self.version = tensors_version(self.watched) if current else None
         self._prepare_native()
 
     def is_current(self) -> bool:

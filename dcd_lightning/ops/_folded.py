@@ -142,7 +142,7 @@ class FoldedDCD:
         storage = getattr(layer, "_version_storage", 0)
         shared = storage != 0 and all(t.untyped_storage().data_ptr() == storage for t in self.sources)
         self.watched = tuple(self.sources[:1] if shared else self.sources)
-        self.version = tensors_version(self.watched)
+        self._watch()
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the C kernel's handle out (ctypes objects do not copy); the
@@ -158,8 +158,15 @@ class FoldedDCD:
         current = state.pop("current", False)  # a fold pickled before this key: treated as stale
         self.__dict__.update(state)
         self.watched = tuple(self.sources)
-        self.version = tensors_version(self.watched) if current else None
+        self._watch(current)
         self._prepare_native()
+
+    def _watch(self, current: bool = True) -> None:
+        """Record the watched tensors' versions (a version that never matches if not `current`);
+        `watch` is the one tensor, where one is watched, for a check that builds no tuple."""
+        self.version = tensors_version(self.watched) if current else None
+        self.watch = self.watched[0] if len(self.watched) == 1 else None
+        self.watch_version = self.watch._version if self.watch is not None and current else -1
 
     def is_current(self) -> bool:
         """True while no parameter or buffer the fold was built from has been changed in place."""
@@ -326,7 +333,7 @@ class FoldedDCD:
         activations (see forms_kernel). A 1x1 stride-1 layer up to WHOLE_MADDS, and any 1x1 layer
         on a 1x1 map (the dynamic classifier), is one call that computes the output itself."""
         function, vector_function, apply_function, whole_function, layer, _ = self.native
-        h, w = x.shape[2], x.shape[3]
+        _, _, h, w = x.shape
         if h == w == 1 and self.kernel_size == 1:  # a dynamic linear layer: matrix-vector products
             out = x.new_empty(1, self.out_channels, 1, 1)
             _native.check(vector_function(layer, x.data_ptr(), out.data_ptr()))

@@ -376,7 +376,11 @@ class DCDConv2d(nn.Module):
             and x.dim() == 4
             and x.shape[1] == self.in_channels
             and not torch.compiler.is_compiling()  # a compiler traces the plain path and fuses it itself
-            and folded.version == tuple(map(VERSION, folded.watched))  # folded.is_current()
+            and (  # folded.is_current(), building no tuple where one tensor is watched
+                folded.watch._version == folded.watch_version
+                if folded.watch is not None
+                else folded.version == tuple(map(VERSION, folded.watched))
+            )
         ):
             # the inference fold, with its checks written out here rather than called: inside
             # MobileNetV2 x0.5 at batch 1 the Python on the way to the C kernel cost several times

@@ -194,10 +194,20 @@ static long NAME(scratch_size)(const dcd_layer *layer, long w) {
     return layer->c_in * layer->pool * layer->pool + 2 * layer->hidden + w;
 }
 
-/* 64 bytes of T in one value (a vector register of AVX-512, two of AVX2), loadable from any address
-   and allowed to alias arrays of T (they are read and written through it) */
-typedef T NAME(vec) __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
-#define LANES ((long)(64 / sizeof(T)))
+/* One vector register's worth of T (64 bytes with AVX-512, 32 with AVX, else 16: a generic vector
+   wider than the target's registers is lowered to scalar code by GCC, ~50x slower), loadable from
+   any address and allowed to alias arrays of T (they are read and written through it) */
+#ifndef VEC_BYTES
+#if defined(__AVX512F__)
+#define VEC_BYTES 64
+#elif defined(__AVX__)
+#define VEC_BYTES 32
+#else
+#define VEC_BYTES 16
+#endif
+#endif
+typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
+#define LANES ((long)(VEC_BYTES / sizeof(T)))
 
 /* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 8, 4 or 1) and wv vectors of columns (wv = 1 to
    4) from column i0 of a b, in nr x wv vector accumulators (4 x 4: sixteen registers, each row of b
@@ -224,7 +234,7 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
     for (int r = 0; r < nr; ++r) {
         const long o = r0 + r;
         const T g = scale ? scale[o] : (T)1, s = shift ? shift[o] : (T)0;
-        T *dst = out + o * ldo + i0, sums[4 * 64 / sizeof(T)];
+        T *dst = out + o * ldo + i0, sums[4 * VEC_BYTES / sizeof(T)];
         const T *src = base ? base + o * ldbase + i0 : NULL;
         if (len == wv * LANES) { /* whole vectors */
             for (int q = 0; q < wv; ++q) {

@@ -129,6 +129,7 @@ def test_native_blocked_products_at_uneven_sizes(
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(_folded.FoldedDCD, "forms_kernel", lambda self, h, w: route == "form")
     monkeypatch.setattr(_folded, "WHOLE_MADDS", 10**12 if whole else 0)
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 64)  # the route whatever this machine's vectors
     for stride, c_in in ((1, 70), (2, 70), (1, 150)):
         layer = DCDConv2d(c_in, 37, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
         module = optimize_for_inference(randomise(layer.double(), seed=stride))
@@ -163,7 +164,10 @@ def test_whole_layer_limit_shrinks_with_threads(monkeypatch: pytest.MonkeyPatch)
     module = optimize_for_inference(randomise(DCDConv2d(32, 16, 1, latent_dim=4).double(), seed=0))
     calls = count_whole_calls(module._folded)
     x = torch.randn(1, 32, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert _native.vector_bytes() in (16, 32, 64)  # this build's vectors: the route is AVX-512's only
+    assert module._folded.plan(8, 8)[1] == (_native.vector_bytes() == 64 and torch.get_num_threads() <= 40)
     monkeypatch.setattr(_folded, "WHOLE_MADDS", 32 * 16 * 8 * 8)  # exactly this layer's convolution
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 64)
     threads = torch.get_num_threads()
     try:
         for count, expected in ((1, 1), (2, 2), (4, 2)):

@@ -67,7 +67,9 @@ ELEMENT_MADDS = 4
 # runs on one thread: with more than two PyTorch threads the limit shrinks in proportion (measured
 # at one and two threads, where every MobileNetV2 layer gains whole: x0.5 at two threads 1.21 ->
 # 0.95-0.96 of static, x1.0 1.27 -> 1.22; beyond, a guess that leaves the larger convolutions to
-# PyTorch's threads)
+# PyTorch's threads). Only where the kernel's vectors are AVX-512's (64 bytes), the machine it was
+# measured on: with 32-byte vectors (AVX2, run here) the blocked product ran at 27-29 GMAdd/s
+# against 42-70, and no AVX2 machine was at hand to weigh that against PyTorch's there
 WHOLE_MADDS = 20_000_000
 
 
@@ -324,6 +326,7 @@ class FoldedDCD:
             and self.stride == 1
             and self.padding == 0
             and madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
+            and _native.vector_bytes() == 64
         )
         return self.forms_kernel(height, width), whole
 

@@ -40,6 +40,20 @@
 #include <math.h>
 #include <stdlib.h>
 
+/* the vector width of the blocked products: one register, 64 bytes with AVX-512, 32 with AVX, else
+   16 (a generic vector wider than the target's registers is lowered to scalar code by GCC, ~50x
+   slower) */
+#if defined(__AVX512F__)
+#define VEC_BYTES 64
+#elif defined(__AVX__)
+#define VEC_BYTES 32
+#else
+#define VEC_BYTES 16
+#endif
+
+/* VEC_BYTES of this build (the caller runs whole 1x1 layers here only where it is 64: measured) */
+int dcd_vector_bytes(void) { return VEC_BYTES; }
+
 typedef struct {
     long c_in, c_out, latent, hidden, kernel_size, pool;
     long attention;  /* 1: channel attention (Lambda) present */
@@ -194,18 +208,8 @@ static long NAME(scratch_size)(const dcd_layer *layer, long w) {
     return layer->c_in * layer->pool * layer->pool + 2 * layer->hidden + w;
 }
 
-/* One vector register's worth of T (64 bytes with AVX-512, 32 with AVX, else 16: a generic vector
-   wider than the target's registers is lowered to scalar code by GCC, ~50x slower), loadable from
-   any address and allowed to alias arrays of T (they are read and written through it) */
-#ifndef VEC_BYTES
-#if defined(__AVX512F__)
-#define VEC_BYTES 64
-#elif defined(__AVX__)
-#define VEC_BYTES 32
-#else
-#define VEC_BYTES 16
-#endif
-#endif
+/* One vector register's worth of T (VEC_BYTES), loadable from any address and allowed to alias
+   arrays of T (they are read and written through it) */
 typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
 #define LANES ((long)(VEC_BYTES / sizeof(T)))
 

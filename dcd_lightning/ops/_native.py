@@ -148,6 +148,7 @@ def _load() -> ctypes.CDLL | None:
         apply.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
         whole.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
         sample.restype = vector.restype = apply.restype = whole.restype = ctypes.c_int
+    lib.dcd_vector_bytes.argtypes, lib.dcd_vector_bytes.restype = [], ctypes.c_int
     return lib
 
 
@@ -161,6 +162,12 @@ def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ...] | None:
     if lib is None:
         return None
     return tuple(getattr(lib, name + SUFFIXES[dtype]) for name in FUNCTIONS)
+
+
+def vector_bytes() -> int:
+    """The width of the C kernel's vectors (64 with AVX-512, 32 with AVX, 16 otherwise), 0 without it."""
+    lib = library()
+    return 0 if lib is None else int(lib.dcd_vector_bytes())
 
 
 def check(status: int) -> None:

@@ -213,7 +213,7 @@ static long NAME(scratch_size)(const dcd_layer *layer, long w) {
 typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
 #define LANES ((long)(VEC_BYTES / sizeof(T)))
 
-/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 8, 4 or 1) and wv vectors of columns (wv = 1 to
+/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 4 or 1) and wv vectors of columns (wv = 1 to
    4) from column i0 of a b, in nr x wv vector accumulators (4 x 4: sixteen registers, each row of b
    loaded once for four rows of a), then the epilogue for the columns below n. Called with
    constant nr and wv, so each use is compiled for its own sizes; a block needs at least eight
@@ -222,7 +222,7 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
                                                               long ldb, long i0, long n, long r0, const int nr,
                                                               const int wv, const T *scale, const T *base,
                                                               long ldbase, const T *shift) {
-    NAME(vec) acc[8][4];
+    NAME(vec) acc[4][4];
     for (int r = 0; r < nr; ++r)
         for (int q = 0; q < wv; ++q) acc[r][q] = (NAME(vec)){0};
     for (long j = 0; j < k; ++j) {
@@ -313,7 +313,7 @@ static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, 
     return 0;
 }
 
-/* rows of b per part of a long product: a panel of KC rows x 4 vectors (32 KB) stays in L1 */
+/* rows of b per part of a long product: a panel of KC rows x 4 vectors (32 KB with AVX-512) stays in L1 */
 #define KC 128
 
 /* out[r, i] = scale[r] base[r, i] + shift[r] + sum_j a[r, j] b[j, i] for r < rows, i < n, with
@@ -359,6 +359,23 @@ static void NAME(sample_bias)(const dcd_layer *layer, const T *lam, const T *v, 
         for (long a = 0; a < latent; ++a) value += p[a] * v[a];
         bias_out[o] = c2 ? value + c2[o] : value;
     }
+}
+
+/* The activation route's residual, in place: out = lam out + P (Phi' (Q1 xs + c1)) + P c2 for
+   xs (c_in x n, rows ldx apart) and coef = [lam, Phi'] from coefficients; z and fused are scratch
+   of latent rows of ld >= n rounded up to 16. Returns 1 when a product found no memory, else 0. */
+static int NAME(add_residual)(const dcd_layer *layer, const T *coef, const T *xs, long ldx, long n, long ld,
+                              T *z, T *fused, T *out) {
+    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
+    const long n_att = layer->attention ? c_out : 0;
+    int status = NAME(matmul)(z, ld, (const T *)layer->compress, latent, c_in, xs, ldx, n, NULL, NULL, 0,
+                              (const T *)layer->latent_bias);
+    for (long a = 0; a < latent; ++a) /* defined padding (lanes the last product computes, never stores) */
+        for (long i = n; i < ld; ++i) z[a * ld + i] = 0;
+    NAME(matmul)(fused, ld, coef + n_att, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
+    status |= NAME(matmul)(out, n, (const T *)layer->expand, c_out, latent, fused, ld, n, n_att ? coef : NULL,
+                           out, n, (const T *)layer->expand_bias);
+    return status;
 }
 
 int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out) {
@@ -408,25 +425,19 @@ int NAME(dcd_one_sample_1x1)(const dcd_layer *layer, const T *x, long h, long w,
     T *scratch = malloc(sizeof(T) * (n_branch + n_coef + n_work));
     if (!scratch) return 1;
     T *coef = scratch + n_branch, *work = coef + n_coef, *lam = n_att ? coef : NULL;
-    const T *phi = coef + n_att, *weight = (const T *)layer->weight, *expand = (const T *)layer->expand;
+    const T *weight = (const T *)layer->weight, *expand = (const T *)layer->expand;
     int status;
 
     NAME(coefficients)(layer, x, h, w, coef, scratch);
     if (forms) {
         T *t = work, *v = t + latent * ld, *kernel = v + latent, *bias = kernel + c_out * c_in;
-        NAME(latent_rows)(layer, phi, t, ld, v);
+        NAME(latent_rows)(layer, coef + n_att, t, ld, v);
         NAME(matmul)(kernel, c_in, expand, c_out, latent, t, ld, c_in, lam, weight, c_in, NULL);
         NAME(sample_bias)(layer, lam, v, bias);
         status = NAME(matmul)(out, n, kernel, c_out, c_in, x, n, n, NULL, NULL, 0, bias);
-    } else {
-        T *z = work, *fused = z + latent * ld;
-        status = NAME(matmul)(z, ld, (const T *)layer->compress, latent, c_in, x, n, n, NULL, NULL, 0,
-                              (const T *)layer->latent_bias);
-        for (long a = 0; a < latent; ++a) /* defined padding (lanes the last product computes, never stores) */
-            for (long i = n; i < ld; ++i) z[a * ld + i] = 0;
-        NAME(matmul)(fused, ld, phi, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
-        status |= NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, (const T *)layer->bias);
-        NAME(matmul)(out, n, expand, c_out, latent, fused, ld, n, lam, out, n, (const T *)layer->expand_bias);
+    } else { /* out = W0' x + b0, then the residual in place */
+        status = NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, (const T *)layer->bias);
+        status |= NAME(add_residual)(layer, coef, x, n, n, ld, work, work + latent * ld, out);
     }
     free(scratch);
     return status;
@@ -443,31 +454,24 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
     const long h_out = (h - 1) / stride + 1, w_out = (w - 1) / stride + 1, n = h_out * w_out;
     const long ld = (n + 15) / 16 * 16; /* columns of the scratch matrices, padded for matmul's blocks */
     const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
-    const long n_branch = NAME(scratch_size)(layer, w);
-    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + (c_in + 2 * latent) * ld));
+    const long n_branch = NAME(scratch_size)(layer, w), n_xs = stride == 1 ? 0 : c_in * ld;
+    T *scratch = malloc(sizeof(T) * (n_branch + n_coef + n_xs + 2 * latent * ld));
     if (!scratch) return 1;
-    T *coef = scratch + n_branch, *xs = coef + n_coef, *z = xs + c_in * ld, *fused = z + latent * ld;
+    T *coef = scratch + n_branch, *xs = coef + n_coef, *z = xs + n_xs, *fused = z + latent * ld;
 
     NAME(coefficients)(layer, x, h, w, coef, scratch);
-    for (long c = 0; c < c_in; ++c) {
-        T *dst = xs + c * ld;
-        const T *plane = x + c * h * w;
-        if (stride == 1) {
-            for (long i = 0; i < n; ++i) dst[i] = plane[i];
-        } else {
+    if (stride > 1) { /* the samples at the centre taps, gathered; at stride 1 they are x itself */
+        for (long c = 0; c < c_in; ++c) {
+            T *dst = xs + c * ld;
+            const T *plane = x + c * h * w;
             for (long i = 0; i < h_out; ++i)
                 for (long j = 0; j < w_out; ++j) dst[i * w_out + j] = plane[i * stride * w + j * stride];
+            for (long i = n; i < ld; ++i) dst[i] = 0;
         }
-        for (long i = n; i < ld; ++i) dst[i] = 0;
     }
-    const T *phi = coef + n_att;
-    NAME(matmul)(z, ld, (const T *)layer->compress, latent, c_in, xs, ld, ld, NULL, NULL, 0,
-                 (const T *)layer->latent_bias);
-    NAME(matmul)(fused, ld, phi, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
-    NAME(matmul)(out, n, (const T *)layer->expand, c_out, latent, fused, ld, n, n_att ? coef : NULL, out, n,
-                 (const T *)layer->expand_bias);
+    const int status = NAME(add_residual)(layer, coef, stride == 1 ? x : xs, stride == 1 ? n : ld, n, ld, z, fused, out);
     free(scratch);
-    return 0;
+    return status;
 }
 
 /* A 1x1 layer on a 1x1 map (a dynamic linear layer, one sample): no kernel is formed, each term

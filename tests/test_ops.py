@@ -395,6 +395,26 @@ def test_dyconv_with_one_hot_attention_is_that_kernels_static_conv() -> None:
             assert_close_relative(op(x), expected)
 
 
+@pytest.mark.parametrize("cls", [DyConv2d, CondConv2d])
+def test_auto_mixing_mixes_outputs_for_large_batches_of_small_maps(cls: type[nn.Module]) -> None:
+    """mixing="auto" on the CPU: the output route where N >= K * output pixels, else the kernel route;
+    either way the result is the reference's, in training and in eval mode."""
+    op = randomise(cls(CIN, COUT, 3, 2, bias=True))
+    k = op.num_kernels
+    routes: list[str] = []
+    for route in ("kernel", "output"):
+        method = getattr(op, f"_forward_{route}_mixing")
+        setattr(op, f"_forward_{route}_mixing", lambda x, w, method=method, route=route: (routes.append(route), method(x, w))[1])
+    cases = [(k, 1, "output"), (k - 1, 1, "kernel"), (4 * k, 3, "output"), (4 * k - 1, 3, "kernel"), (2, 6, "kernel")]
+    for batch, size, expected in cases:  # size 3 at stride 2: 2x2 output pixels
+        x = torch.randn(batch, CIN, size, size, generator=torch.Generator().manual_seed(batch))
+        routes.clear()
+        assert op.prefers_output(x) == (expected == "output")
+        for training in (True, False):
+            compare(op, x, training)
+        assert set(routes) == {expected}, (batch, size)
+
+
 def test_dyconv_temperature_flattens_attention_and_is_saved() -> None:
     op = randomise(DyConv2d(CIN, COUT, 1, num_kernels=4))
     x = torch.randn(2, CIN, 4, 4)

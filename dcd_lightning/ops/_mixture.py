@@ -25,7 +25,8 @@ class MixtureConv2d(nn.Module):
 
     mixing="kernel" forms each sample's kernel sum_k a_k W_k and runs one grouped convolution over
     the batch; mixing="output" convolves with all K kernels and mixes the K outputs. "auto" takes
-    the kernel route, which won every shape of the operator benchmark (docs/benchmarks.md).
+    the kernel route, which won every shape of the operator benchmark at batch 8 (docs/benchmarks.md),
+    except on the CPU where the batch is at least K times the output's pixels (`prefers_output`).
     """
 
     num_kernels: int
@@ -98,9 +99,29 @@ class MixtureConv2d(nn.Module):
         """Apply the dynamic convolution to `x` of shape (N, C_in, H, W)."""
         check_input(type(self).__name__, x, 4, self.in_channels)
         weights = self.mixture_weights(x)
-        if self.mixing == "output" or exporting():  # no batch-dependent groups in an exported graph
+        if (
+            self.mixing == "output"
+            or exporting()  # no batch-dependent groups in an exported graph
+            or (self.mixing == "auto" and self.prefers_output(x))
+        ):
             return self._forward_output_mixing(x, weights)
         return self._forward_kernel_mixing(x, weights)
+
+    def prefers_output(self, x: Tensor) -> bool:
+        """Whether mixing="auto" mixes the K outputs for this input: on the CPU, where the batch is
+        at least K times the number of output pixels (small maps, large batches).
+
+        The kernel route writes N kernels and runs a convolution of N groups, a cost that grows with
+        the batch; the output route runs K convolutions, a cost that grows with the map. Measured on
+        the CPU (docs/benchmarks.md): a 3x3 512 -> 512 layer at 1x1, batch 64, trained 14x faster by
+        mixing outputs, a 1280 -> 1000 classifier at batch 32 3x faster (K = 8) and 11x (K = 4),
+        128 -> 128 at 4x4, batch 64, 2.5-5x; no measured shape was slower under this rule. GPUs are
+        not measured: they keep the kernel route.
+        """
+        if x.device.type != "cpu":
+            return False
+        h_out, w_out = output_size(x.shape[-2], x.shape[-1], self.stride)
+        return x.shape[0] >= self.num_kernels * h_out * w_out
 
     def _forward_kernel_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
         n, _, h, w = x.shape

@@ -180,6 +180,27 @@ def test_whole_layer_limit_shrinks_with_threads(monkeypatch: pytest.MonkeyPatch)
         torch.set_num_threads(threads)
 
 
+def test_whole_layer_route_leaves_maps_that_waste_vector_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-layer route computes whole vectors of pixels: a map whose last vector is mostly
+    padding (7x7 = 49 pixels: 6 vectors of 8 doubles and one pixel in a seventh) wastes
+    c_out c_in 7 multiply-adds, and the layer leaves its convolution to PyTorch beyond
+    WHOLE_WASTE_MADDS; an 8x8 map wastes none. Either way the result is the reference's."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    module = optimize_for_inference(randomise(DCDConv2d(32, 16, 1, latent_dim=4).double(), seed=1))
+    calls = count_whole_calls(module._folded)
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 64)
+    monkeypatch.setattr(_folded, "WHOLE_MADDS", 10**12)
+    for limit, size, whole in ((16 * 32 * 7, 7, True), (16 * 32 * 7 - 1, 7, False), (0, 8, True)):
+        monkeypatch.setattr(_folded, "WHOLE_WASTE_MADDS", limit)
+        module._folded.plans.clear()
+        calls.clear()
+        x = torch.randn(1, 32, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            assert_close_relative(module(x), module.reference_forward(x), 1e-10)
+        assert len(calls) == int(whole), (limit, size)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", NATIVE)
 def test_pytorch_one_sample_equals_reference(name: str, stride: int) -> None:

@@ -181,17 +181,18 @@ def test_whole_layer_limit_shrinks_with_threads(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_whole_layer_route_leaves_maps_that_waste_vector_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole-layer route computes whole vectors of pixels: a map whose last vector is mostly
-    padding (7x7 = 49 pixels: 6 vectors of 8 doubles and one pixel in a seventh) wastes
-    c_out c_in 7 multiply-adds, and the layer leaves its convolution to PyTorch beyond
-    WHOLE_WASTE_MADDS; an 8x8 map wastes none. Either way the result is the reference's."""
+    """The whole-layer route computes whole vectors of pixels, the last at most a quarter full one
+    pixel at a time: a 6x6 map (36 pixels: 4 vectors of 8 doubles and 4 pixels in a fifth) wastes
+    c_out c_in 4 multiply-adds, and the layer leaves its convolution to PyTorch beyond
+    WHOLE_WASTE_MADDS; 8x8 and 7x7 maps (49 = 6 x 8 + 1, the last pixel by dot products) waste
+    none. Either way the result is the reference's."""
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine")
     module = optimize_for_inference(randomise(DCDConv2d(32, 16, 1, latent_dim=4).double(), seed=1))
     calls = count_whole_calls(module._folded)
     monkeypatch.setattr(_native, "vector_bytes", lambda: 64)
     monkeypatch.setattr(_folded, "WHOLE_MADDS", 10**12)
-    for limit, size, whole in ((16 * 32 * 7, 7, True), (16 * 32 * 7 - 1, 7, False), (0, 8, True)):
+    for limit, size, whole in ((16 * 32 * 4, 6, True), (16 * 32 * 4 - 1, 6, False), (0, 8, True), (0, 7, True)):
         monkeypatch.setattr(_folded, "WHOLE_WASTE_MADDS", limit)
         module._folded.plans.clear()
         calls.clear()

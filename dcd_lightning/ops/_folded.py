@@ -73,11 +73,12 @@ ELEMENT_MADDS = 4
 WHOLE_MADDS = 20_000_000
 
 # ...and only where the vector lanes its product wastes stay below this many multiply-adds: the
-# product computes whole vectors of columns (pixels), so a 7x7 map (49 pixels) is computed as 64 with
-# AVX-512's 16 floats, 31% more work, while PyTorch's convolution blocks over channels instead. Paired
-# against static in the same runs, MobileNetV2 x1.0 with its 7x7 layers (7.5M and 15M MAdds, 2.3M and
-# 4.6M wasted) left to PyTorch: 1.130 -> 1.099 and 1.143 -> 1.126; x0.5's (1.9M, 0.6M wasted) gain
-# whole (1.101 against 1.126 without); x1.0's 14x14 layers (10.8M, 0.7M wasted) too
+# product computes whole vectors of columns (pixels), a last vector at most a quarter full one
+# column at a time (dot products); a fuller one is padded. Before the column-at-a-time ending, a 7x7
+# map (49 pixels) was computed as 64 with AVX-512's 16 floats, and MobileNetV2 x1.0's 7x7 layers
+# (7.5M and 15M MAdds, 2.3M and 4.6M wasted) ran faster with PyTorch's convolution (paired against
+# static: 1.138/1.143 -> 1.127/1.128), x0.5's (1.9M, 0.6M wasted) and x1.0's 14x14 layers (10.8M,
+# 0.7M) whole. With it, x1.0's 7x7 layers run whole again: 1.124/1.129 -> 1.103/1.098
 WHOLE_WASTE_MADDS = 1_000_000
 
 
@@ -331,7 +332,9 @@ class FoldedDCD:
         pixels = height * width
         madds = self.out_channels * self.in_channels * pixels
         lanes = _native.vector_bytes() // self.weight.element_size()
-        wasted = self.out_channels * self.in_channels * (-pixels % lanes)  # padding of the last vector
+        spare = pixels % lanes  # pixels in a last, partial vector: at most a quarter of it go one by one
+        padding = 0 if pixels > lanes and 4 * spare <= lanes else -pixels % lanes
+        wasted = self.out_channels * self.in_channels * padding
         whole = (
             self.kernel_size == 1
             and self.stride == 1

@@ -270,9 +270,38 @@ static inline __attribute__((always_inline)) void NAME(any_block)(T *out, long l
     if (wv == 1) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 1, scale, base, ldbase, shift);
 }
 
+/* rows of b per part of a long product: a panel of KC rows x 4 vectors (32 KB with AVX-512) stays in L1 */
+#define KC 128
+
+/* columns c0 .. n - 1 of matmul, one at a time: the column of b copied (k <= KC values), then
+   dot products with a's rows, four rows at a time, and the epilogue of block */
+static void NAME(columns_by_dots)(T *out, long ldo, const T *a, long lda, long rows, long k, const T *b, long ldb,
+                                  long c0, long n, const T *scale, const T *base, long ldbase, const T *shift) {
+    T column[KC], sums[4];
+    for (long c = c0; c < n; ++c) {
+        for (long j = 0; j < k; ++j) column[j] = b[j * ldb + c];
+        for (long r0 = 0; r0 < rows; r0 += 4) {
+            const long nr = rows - r0 < 4 ? rows - r0 : 4;
+            NAME(dots)(sums, a + r0 * lda, lda, nr, column, k);
+            for (long r = 0; r < nr; ++r) {
+                const long o = r0 + r;
+                const T g = scale ? scale[o] : (T)1, s = shift ? shift[o] : (T)0;
+                out[o * ldo + c] = (base ? g * base[o * ldbase + c] : 0) + sums[r] + s;
+            }
+        }
+    }
+}
+
 /* matmul for up to KC rows of b at a time (see matmul); a's rows are lda apart */
 static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, long k, const T *b, long ldb,
                              long n, const T *scale, const T *base, long ldbase, const T *shift) {
+    /* a last vector of columns at most a quarter full (a 7x7 map: 49 = 3 x 16 + 1 floats) would
+       compute mostly padding: those columns go one at a time, the rest in whole vectors */
+    const long spare = n % LANES;
+    if (n > LANES && spare && 4 * spare <= LANES) {
+        NAME(columns_by_dots)(out, ldo, a, lda, rows, k, b, ldb, n - spare, n, scale, base, ldbase, shift);
+        n -= spare;
+    }
     /* the columns in blocks of four vectors, then up to two smaller ones (never a lone vector
        after fours: 4 + 1 becomes 3 + 2, as a block needs eight accumulators or more to be fast) */
     const long vectors = (n + LANES - 1) / LANES;
@@ -313,8 +342,6 @@ static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, 
     return 0;
 }
 
-/* rows of b per part of a long product: a panel of KC rows x 4 vectors (32 KB with AVX-512) stays in L1 */
-#define KC 128
 
 /* out[r, i] = scale[r] base[r, i] + shift[r] + sum_j a[r, j] b[j, i] for r < rows, i < n, with
    a (rows x k, row-major), b (k rows, ldb apart), scale, base and shift optional (1, 0, 0). b is read

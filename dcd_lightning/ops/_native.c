@@ -183,15 +183,42 @@ static void NAME(pool_plane)(const T *plane, long h, long w, long pool, T *band,
     }
 }
 
+/* Whether pooling to pool x pool cells goes by dot products (pool_by_dots) rather than by bands
+   of rows (pool_plane): where rows are shorter than two vectors, each row is too short for vector
+   adds (a 256 x 14 x 14 input: 42 -> 18 us, 512 x 7 x 7: 57 -> 24, 128 x 28 x 28: 33 -> 19; at
+   56 x 56, 27 -> 77, the bands win) */
+static int NAME(pools_by_dots)(long pool, long w) { return pool > 1 && w < 2 * (long)(VEC_BYTES / sizeof(T)); }
+
+/* pooled[c, cell] = sum_i x[c, i] avg[cell, i] for each of the c_in planes of h x w: avg holds
+   each cell's averaging weights over the plane (1 / its size inside it, 0 elsewhere; the cells as
+   in pool_plane), and one pass of dots per plane gives its pool^2 cells */
+static void NAME(pool_by_dots)(const T *x, long c_in, long h, long w, long pool, T *avg, T *pooled) {
+    const long hw = h * w, cells = pool * pool;
+    for (long i = 0; i < cells * hw; ++i) avg[i] = 0;
+    for (long i = 0; i < pool; ++i) {
+        const long r0 = i * h / pool, r1 = ((i + 1) * h + pool - 1) / pool;
+        for (long j = 0; j < pool; ++j) {
+            const long c0 = j * w / pool, c1 = ((j + 1) * w + pool - 1) / pool;
+            const T value = (T)1 / (T)((r1 - r0) * (c1 - c0));
+            for (long r = r0; r < r1; ++r)
+                for (long c = c0; c < c1; ++c) avg[(i * pool + j) * hw + r * w + c] = value;
+        }
+    }
+    for (long c = 0; c < c_in; ++c) NAME(dots)(pooled + c * cells, avg, hw, cells, x + c * hw, hw);
+}
+
 /* pooling, branch and gates of one sample: coef = [lam (gated, if attention), Phi']; scratch
-   holds c_in pool^2 + 2 hidden + w values */
+   holds scratch_size values */
 static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long w, T *coef, T *scratch) {
     const long c_in = layer->c_in, hidden = layer->hidden, pool = layer->pool;
     const long n_att = layer->attention ? layer->c_out : 0, n_coef = n_att + layer->latent * layer->latent;
     const long n_pooled = c_in * pool * pool;
     T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden, *band = se + hidden;
 
-    for (long c = 0; c < c_in; ++c) NAME(pool_plane)(x + c * h * w, h, w, pool, band, pooled + c * pool * pool);
+    if (NAME(pools_by_dots)(pool, w))
+        NAME(pool_by_dots)(x, c_in, h, w, pool, band, pooled);
+    else
+        for (long c = 0; c < c_in; ++c) NAME(pool_plane)(x + c * h * w, h, w, pool, band, pooled + c * pool * pool);
     NAME(dots)(hid, (const T *)layer->fc, n_pooled, hidden, pooled, n_pooled);
     if (layer->se) {
         NAME(dots)(se, (const T *)layer->se, hidden, hidden, hid, hidden);
@@ -204,8 +231,11 @@ static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long 
         coef[o] = layer->hard_gate ? NAME(hardsigmoid)(coef[o]) : (T)1 / ((T)1 + (T)exp(-(double)coef[o]));
 }
 
-static long NAME(scratch_size)(const dcd_layer *layer, long w) {
-    return layer->c_in * layer->pool * layer->pool + 2 * layer->hidden + w;
+/* coefficients' scratch for an h x w input: the pooled input, two hidden vectors, then a band
+   of w values (pool_plane) or the pool^2 x h w averaging weights (pool_by_dots) */
+static long NAME(scratch_size)(const dcd_layer *layer, long h, long w) {
+    const long pool = layer->pool;
+    return layer->c_in * pool * pool + 2 * layer->hidden + (NAME(pools_by_dots)(pool, w) ? pool * pool * h * w : w);
 }
 
 /* One vector register's worth of T (VEC_BYTES), loadable from any address and allowed to alias
@@ -409,7 +439,7 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
     const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent, k = layer->kernel_size;
     const long taps = k * k, centre = (k / 2) * k + k / 2;
     const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
-    const long n_branch = NAME(scratch_size)(layer, w);
+    const long n_branch = NAME(scratch_size)(layer, h, w);
     const long ld = (c_in + 15) / 16 * 16; /* rows of t and of the residual, padded for matmul's blocks */
     const long n_residual = taps > 1 ? c_out * ld : 0;
     T *scratch = malloc(sizeof(T) * (n_branch + n_coef + latent * (ld + 1) + n_residual));
@@ -446,7 +476,7 @@ int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *
 int NAME(dcd_one_sample_1x1)(const dcd_layer *layer, const T *x, long h, long w, long forms, T *out) {
     const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent, n = h * w;
     const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
-    const long n_branch = NAME(scratch_size)(layer, w);
+    const long n_branch = NAME(scratch_size)(layer, h, w);
     const long ld = ((forms ? c_in : n) + 15) / 16 * 16; /* padded rows: t, or z and fused */
     const long n_work = forms ? latent * (ld + 1) + c_out * (c_in + 1) : 2 * latent * ld;
     T *scratch = malloc(sizeof(T) * (n_branch + n_coef + n_work));
@@ -481,7 +511,7 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
     const long h_out = (h - 1) / stride + 1, w_out = (w - 1) / stride + 1, n = h_out * w_out;
     const long ld = (n + 15) / 16 * 16; /* columns of the scratch matrices, padded for matmul's blocks */
     const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
-    const long n_branch = NAME(scratch_size)(layer, w), n_xs = stride == 1 ? 0 : c_in * ld;
+    const long n_branch = NAME(scratch_size)(layer, h, w), n_xs = stride == 1 ? 0 : c_in * ld;
     T *scratch = malloc(sizeof(T) * (n_branch + n_coef + n_xs + 2 * latent * ld));
     if (!scratch) return 1;
     T *coef = scratch + n_branch, *xs = coef + n_coef, *z = xs + n_xs, *fused = z + latent * ld;
@@ -507,7 +537,7 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
 int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
     const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
     const long n_att = layer->attention ? c_out : 0, n_coef = n_att + latent * latent;
-    const long n_branch = NAME(scratch_size)(layer, 1);
+    const long n_branch = NAME(scratch_size)(layer, 1, 1);
     T *scratch = malloc(sizeof(T) * (n_branch + n_coef + 2 * latent));
     if (!scratch) return 1;
     T *coef = scratch + n_branch, *z = coef + n_coef, *fused = z + latent;

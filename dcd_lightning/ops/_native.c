@@ -372,7 +372,6 @@ static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, 
     return 0;
 }
 
-
 /* out[r, i] = scale[r] base[r, i] + shift[r] + sum_j a[r, j] b[j, i] for r < rows, i < n, with
    a (rows x k, row-major), b (k rows, ldb apart), scale, base and shift optional (1, 0, 0). b is read
    in whole vectors of LANES columns: where its rows can be read that far (ldb at least n rounded up

@@ -202,6 +202,14 @@ def test_whole_layer_route_leaves_maps_that_waste_vector_lanes(monkeypatch: pyte
         assert len(calls) == int(whole), (limit, size)
 
 
+def test_plan_without_the_c_kernel_keeps_convolutions_in_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no C kernel is built (vector width 0) a 1x1 layer's plan is never whole, for any map."""
+    module = optimize_for_inference(randomise(DCDConv2d(32, 16, 1, latent_dim=4), seed=2))
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 0)
+    for size in (1, 6, 7, 8):
+        assert module._folded.plan(size, size)[1] is False
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", NATIVE)
 def test_pytorch_one_sample_equals_reference(name: str, stride: int) -> None:

@@ -329,20 +329,19 @@ class FoldedDCD:
         """The batch-1 route for this input size: (forms_kernel, whole in the C kernel), made at the
         first call with that size for the number of PyTorch threads then (see WHOLE_MADDS and
         WHOLE_WASTE_MADDS; a new fold plans anew)."""
-        pixels = height * width
-        madds = self.out_channels * self.in_channels * pixels
-        lanes = _native.vector_bytes() // self.weight.element_size()
-        spare = pixels % lanes  # pixels in a last, partial vector: at most a quarter of it go one by one
-        padding = 0 if pixels > lanes and 4 * spare <= lanes else -pixels % lanes
-        wasted = self.out_channels * self.in_channels * padding
-        whole = (
-            self.kernel_size == 1
-            and self.stride == 1
-            and self.padding == 0
-            and madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
-            and wasted <= WHOLE_WASTE_MADDS
-            and _native.vector_bytes() == 64
-        )
+        whole = self.kernel_size == 1 and self.stride == 1 and self.padding == 0 and _native.vector_bytes() == 64
+        if whole:
+            pixels = height * width
+            lanes = 64 // self.weight.element_size()
+            # the pixels in a last, partial vector: at most a quarter of it go one by one (as in
+            # matmul_part of _native.c), a fuller one is computed padded
+            spare = pixels % lanes
+            padding = 0 if pixels > lanes and 4 * spare <= lanes else -pixels % lanes
+            madds = self.out_channels * self.in_channels * pixels
+            whole = (
+                madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
+                and self.out_channels * self.in_channels * padding <= WHOLE_WASTE_MADDS
+            )
         return self.forms_kernel(height, width), whole
 
     def one_sample_native(self, x: Tensor) -> Tensor:

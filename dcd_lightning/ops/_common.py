@@ -259,18 +259,27 @@ def pooling_matrix(height: int, width: int, cells: int, dtype: torch.dtype, devi
     """(H W, cells^2) matrix: column i * cells + j averages adaptive pooling's cell (i, j).
 
     Cell i along a side of length s is [floor(i s / p), ceil((i + 1) s / p)). Built from Python
-    numbers, so a traced graph holds it as a constant (sizes are static there).
+    numbers, so a traced graph holds it as a constant (sizes are static there). Eager calls share
+    one cached matrix per shape; torch.compile traces the construction instead of the cache, whose
+    lookup would otherwise become a guard on the cache's contents: the first call fills the cache,
+    so the second call failed that guard and recompiled the whole model.
     """
     height, width = int(height), int(width)
+    if torch.compiler.is_compiling():
+        return _build_pooling_matrix(height, width, cells, dtype, device)
     key = (height, width, cells, dtype, device)
     if key not in _POOLING:
-        rows, cols = _cell_weights(height, cells), _cell_weights(width, cells)
         with torch.inference_mode(False):  # a normal tensor, usable by autograd after inference
-            matrix = torch.tensor(rows, dtype=torch.float64)[:, None, :, None] * torch.tensor(
-                cols, dtype=torch.float64
-            )[None, :, None, :]
-            _POOLING[key] = matrix.reshape(height * width, cells * cells).to(dtype=dtype, device=device)
+            _POOLING[key] = _build_pooling_matrix(height, width, cells, dtype, device)
     return _POOLING[key]
+
+
+def _build_pooling_matrix(height: int, width: int, cells: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    rows, cols = _cell_weights(height, cells), _cell_weights(width, cells)
+    matrix = torch.tensor(rows, dtype=torch.float64)[:, None, :, None] * torch.tensor(
+        cols, dtype=torch.float64
+    )[None, :, None, :]
+    return matrix.reshape(height * width, cells * cells).to(dtype=dtype, device=device)
 
 
 def _cell_weights(size: int, cells: int) -> list[list[float]]:

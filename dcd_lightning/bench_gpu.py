@@ -6,8 +6,8 @@ Static, DCD, DY-Conv and CondConv versions of MobileNetV2 x1.0 and ResNet-50, tr
 bf16 autocast and channels_last, eager and (--compile-models) under torch.compile; each figure is
 the median over timed steps after warm-up, and the table gives each warm-up's seconds (compilation,
 cuDNN's algorithm search). All models run eager first, then the compiled ones, each in a child
-process that is stopped when --time-limit (450 s) is up (a DCD MobileNetV2 took over 4 minutes to
-compile on an H100, so only MobileNetV2 x1.0's static and DCD models are compiled by default). The
+process that is stopped when --time-limit (450 s) is up (a DCD MobileNetV2 took 185 s to compile
+on an H100, so only MobileNetV2 x1.0's static and DCD models are compiled by default). The
 ResNet-50 DY-Conv and CondConv models are not paper rows: they put the operator on every block
 convolution, as resnet18_dyconv does.
 """

@@ -10,6 +10,13 @@ process that is stopped when --time-limit (450 s) is up (a DCD MobileNetV2 took 
 on an H100, so only MobileNetV2 x1.0's static and DCD models are compiled by default). The
 ResNet-50 DY-Conv and CondConv models are not paper rows: they put the operator on every block
 convolution, as resnet18_dyconv does.
+
+A model name may end in settings of its layers, `NAME@route=kernel` (DCD's route: auto,
+activations, kernel) or `NAME@mixing=output` (DY-Conv's and CondConv's: auto, kernel, output), to
+time a route against the default in the same table. `--cuda-graph` adds a column where the whole
+training step is captured once in a CUDA graph and replayed: the GPU's own time, without the cost
+of launching each kernel from Python (what torch.compile's mode="reduce-overhead" aims at, with no
+compilation).
 """
 
 from __future__ import annotations
@@ -29,25 +36,53 @@ from .bench_ops import machine
 from .models import ResNet, create_model, list_models
 from .ops import CondConv2d, DyConv2d
 
-
-def build(name: str) -> torch.nn.Module:
-    """A registry model, or ResNet-50 with DY-Conv/CondConv block convolutions."""
-    if name == "resnet50_dyconv":
-        return ResNet(depth=50, conv=partial(DyConv2d, num_kernels=4))
-    if name == "resnet50_condconv":
-        return ResNet(depth=50, conv=partial(CondConv2d, num_experts=8))
-    return create_model(name)
-
-
 MODELS = [f"mobilenetv2_x1.0_{k}" for k in ("static", "dcd", "dyconv", "condconv")] + [
     f"resnet50_{k}" for k in ("static", "dcd", "dyconv", "condconv")
 ]
 
+# layer settings a model name may carry after "@" (NAME@route=kernel), with their choices
+SETTINGS = {"route": ("auto", "activations", "kernel"), "mixing": ("auto", "kernel", "output")}
+
+
+def parse_name(name: str) -> tuple[str, list[tuple[str, str]]]:
+    """NAME@key=value@... -> (NAME, [(key, value), ...]); ValueError naming what is wrong."""
+    base, *settings = name.split("@")
+    if base not in MODELS and base not in list_models():
+        raise ValueError(f"unknown model {base!r}; choose from {', '.join(MODELS)} or a registry name")
+    parsed = []
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals or key not in SETTINGS or value not in SETTINGS[key]:
+            choices = "; ".join(f"{k}={'|'.join(v)}" for k, v in SETTINGS.items())
+            raise ValueError(f"{name!r}: setting {setting!r} is not one of {choices}")
+        parsed.append((key, value))
+    return base, parsed
+
+
+def build(name: str) -> torch.nn.Module:
+    """A registry model, or ResNet-50 with DY-Conv/CondConv block convolutions, with the layer
+    settings that follow "@" in `name` applied to every layer that has them."""
+    base, settings = parse_name(name)
+    if base == "resnet50_dyconv":
+        model = ResNet(depth=50, conv=partial(DyConv2d, num_kernels=4))
+    elif base == "resnet50_condconv":
+        model = ResNet(depth=50, conv=partial(CondConv2d, num_experts=8))
+    else:
+        model = create_model(base)
+    for key, value in settings:
+        layers = [layer for layer in model.modules() if isinstance(getattr(layer, key, None), str)]
+        if not layers:
+            raise ValueError(f"{name!r}: no layer of {base} has a {key} to set")
+        for layer in layers:
+            setattr(layer, key, value)
+    return model
+
 
 def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device: str, compile_mode: str | None,
-               bf16: bool, backend: str = "inductor") -> tuple[float, float]:
+               bf16: bool, backend: str = "inductor", cuda_graph: bool = False) -> tuple[float, float]:
     """(images per second, seconds of the warm-up steps) of the training step (forward, backward,
-    SGD) of one model; `compile_mode` None runs eager, else torch.compile's mode ("default", ...)."""
+    SGD) of one model; `compile_mode` None runs eager, else torch.compile's mode ("default", ...);
+    `cuda_graph` captures the eager step once in a CUDA graph and times its replays."""
     torch.backends.cudnn.benchmark = True
     model = build(name).to(device).train()
     model = model.to(memory_format=torch.channels_last)
@@ -59,9 +94,11 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
         torch._dynamo.reset()  # each model compiles afresh, never hitting the recompile limit of earlier ones
         forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, backend=backend)
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+    def step(zero: bool = True) -> None:
+        if zero:
+            optimizer.zero_grad(set_to_none=True)
+        # autocast's cache of cast weights cannot outlive a graph capture: off for the graph
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not cuda_graph):
             loss = torch.nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         optimizer.step()
@@ -71,8 +108,23 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
             torch.cuda.synchronize()
 
     start = time.perf_counter()
-    for _ in range(warmup):
-        step()
+    if cuda_graph:
+        if device != "cuda" or compile_mode is not None:
+            raise ValueError("cuda_graph needs device 'cuda' and an eager model")
+        side = torch.cuda.Stream()  # warm-up on a side stream, as capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 3)):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients each replay
+        with torch.cuda.graph(graph):
+            step(zero=False)
+        step = graph.replay  # the timed step is now the replay
+    else:
+        for _ in range(warmup):
+            step()
     sync()
     warm = time.perf_counter() - start
     times = []
@@ -132,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     still leaves what it measured)."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench-gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated; a name may carry layer settings, e.g. resnet50_dcd@route=kernel")
     parser.add_argument("--compile-models", default="mobilenetv2_x1.0_static,mobilenetv2_x1.0_dcd",
                         help="models also measured under torch.compile ('' for none, 'all' for every model)")
     parser.add_argument("--compile-mode", default="default",
@@ -143,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="eager only (as --compile-models '')")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each model's whole eager step captured in one CUDA graph (CUDA only)")
     parser.add_argument("--no-bf16", action="store_true", help="float32 instead of bf16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the table to this markdown file (after every measurement)")
@@ -154,24 +209,33 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",")
     compiled = [] if args.no_compile or not args.compile_models else (
         models if args.compile_models == "all" else args.compile_models.split(","))
-    unknown = [name for name in {*models, *compiled} if name not in MODELS and name not in list_models()]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)} or a registry name")
+    for name in sorted({*models, *compiled}):
+        try:
+            if parse_name(name)[1]:  # settings: check that some layer takes them (built without memory)
+                with torch.device("meta"):
+                    build(name)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.cuda_graph and args.device != "cuda":
+        parser.error(f"--cuda-graph needs --device cuda (a CUDA device), got --device {args.device}")
     models += [name for name in compiled if name not in models]
     compile_name = "compile" if args.compile_mode == "default" else f"compile ({args.compile_mode})"
     if args.compile_backend != "inductor":
         compile_name += f" [{args.compile_backend}]"
-    modes = ["eager"] + ([compile_name] if compiled else [])
+    graphed = models if args.cuda_graph else []
+    modes = ["eager"] + (["cuda graph"] if graphed else []) + ([compile_name] if compiled else [])
     header = [f"machine: {machine()}; device {args.device}"
               + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
               (f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
                f"channels_last, SGD, median of {args.steps} steps after {args.warmup}"), ""]
     results: dict[tuple[str, str], Result] = {}
     text = table(header, models, modes, results)
-    for mode, names in (("eager", models), (compile_name, compiled)):
+    for mode, names in (("eager", models), ("cuda graph", graphed), (compile_name, compiled)):
         for name in names:
+            # compiled models and graph captures run in child processes (stopped at the time limit)
             arguments = [name, args.batch_size, args.size, args.steps, args.warmup, args.device,
-                         None if mode == "eager" else args.compile_mode, not args.no_bf16, args.compile_backend]
+                         args.compile_mode if mode == compile_name else None, not args.no_bf16,
+                         args.compile_backend, mode == "cuda graph"]
             left = args.time_limit - (time.perf_counter() - started)
             if mode != "eager":
                 results[(name, mode)] = throughput_in_child(arguments, left)

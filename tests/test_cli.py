@@ -120,14 +120,36 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
         assert out.count("| resnet10_dcd (PyTorch calls) |") == 1
 
 
+def test_bench_gpu_model_settings_reach_every_layer_and_bad_ones_are_refused(capsys) -> None:
+    from dcd_lightning.bench_gpu import build
+
+    mixing = {layer.mixing for layer in build("mobilenetv2_x0.5_condconv@mixing=output").modules()
+              if hasattr(layer, "mixing")}
+    routes = [layer.route for layer in build("resnet10_dcd@route=kernel@route=activations").modules()
+              if isinstance(getattr(layer, "route", None), str)]
+    assert mixing == {"output"} and routes and set(routes) == {"activations"}  # settings apply in order
+    for models, expected in (("resnet10_dcd@route=fast", "route=auto|activations|kernel"),
+                             ("resnet10_dcd@width=2", "is not one of"),
+                             ("resnet10_static@route=kernel", "no layer of resnet10_static has a route"),
+                             ("resnet11_dcd@route=kernel", "unknown model 'resnet11_dcd'")):
+        with pytest.raises(SystemExit):
+            main(["bench-gpu", "--models", models, "--no-compile"])
+        assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # CUDA graphs need a CUDA device
+        main(["bench-gpu", "--models", "resnet10_dcd", "--no-compile", "--cuda-graph", "--device", "cpu"])
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+
+
 def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gpu.md"
-    assert main(["bench-gpu", "--models", "mobilenetv2_x1.0_static,mobilenetv2_x1.0_dcd",
+    assert main(["bench-gpu", "--models", "mobilenetv2_x1.0_static,mobilenetv2_x1.0_dcd,mobilenetv2_x1.0_dcd@route=kernel",
                  "--batch-size", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--no-compile",
                  "--out", str(out)]) == 0
     table = out.read_text()
     assert "| mobilenetv2_x1.0_static | " in table and "| 1.00 |" in table
-    assert "failed" not in table and table.count("\n| ") == 3  # header and two models
+    assert "failed" not in table and table.count("\n| ") == 4  # header and three models
+    variant = next(row for row in table.splitlines() if row.startswith("| mobilenetv2_x1.0_dcd@route=kernel |"))
+    assert variant.split(" | ")[2] not in ("", "1.00")  # timed, with a ratio to the static model
     # compiled too (with the eager backend here: inductor's CPU build takes minutes), in a child
     # process; a compiled model not in --models joins the table
     assert main(["bench-gpu", "--models", "resnet10_dcd", "--compile-models", "mobilenetv2_x1.0_static",

@@ -152,6 +152,25 @@ def test_model_training_step_compiles_without_graph_breaks_or_recompiles() -> No
             optimizer.step()
 
 
+def test_compiled_graph_builds_no_tensor_on_the_host() -> None:
+    """The branch's pooling matrix is made in the graph from index arithmetic on the input's device:
+    a tensor built from Python data lives on the host, and on a GPU its copy to the device would
+    sync the stream on every step and keep CUDA graphs (mode="reduce-overhead") from capturing."""
+    graphs = []
+
+    def inspect(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    layer = DCDReleaseConv2d(16, 32, 1).train()  # an expanding layer: 2x2 branch pooling
+    assert layer.pool_size == 2
+    torch.compile(layer, backend=inspect, fullgraph=True)(torch.randn(2, 16, 8, 8)).sum().backward()
+    host_made = [node for graph in graphs for node in graph.graph.nodes
+                 if node.op == "call_function" and node.target in (torch.tensor, torch.as_tensor)]
+    assert graphs and not host_made, host_made
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_dyconv", "mobilenetv2_x0.5_condconv",
                                   "mobilenetv2_x0.5_dcd_dw_pw", "resnet10_dcd", "resnet18_dcd_joint"])
 def test_channels_last_equals_contiguous(name: str) -> None:

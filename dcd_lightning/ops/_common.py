@@ -258,9 +258,8 @@ _POOLING: dict[tuple[int, int, int, torch.dtype, torch.device], Tensor] = {}
 def pooling_matrix(height: int, width: int, cells: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(H W, cells^2) matrix: column i * cells + j averages adaptive pooling's cell (i, j).
 
-    Cell i along a side of length s is [floor(i s / p), ceil((i + 1) s / p)). Built from Python
-    numbers, so a traced graph holds it as a constant (sizes are static there). Eager calls share
-    one cached matrix per shape; torch.compile traces the construction instead of the cache, whose
+    Cell i along a side of length s is [floor(i s / p), ceil((i + 1) s / p)). Eager calls share one
+    cached matrix per shape; torch.compile traces the construction instead of the cache, whose
     lookup would otherwise become a guard on the cache's contents: the first call fills the cache,
     so the second call failed that guard and recompiled the whole model.
     """
@@ -275,21 +274,23 @@ def pooling_matrix(height: int, width: int, cells: int, dtype: torch.dtype, devi
 
 
 def _build_pooling_matrix(height: int, width: int, cells: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    rows, cols = _cell_weights(height, cells), _cell_weights(width, cells)
-    matrix = torch.tensor(rows, dtype=torch.float64)[:, None, :, None] * torch.tensor(
-        cols, dtype=torch.float64
-    )[None, :, None, :]
-    return matrix.reshape(height * width, cells * cells).to(dtype=dtype, device=device)
+    """The matrix made on `device` from index arithmetic (float64 where the device has it), with no
+    tensor built on the host: a compiled graph then holds no host constant and no copy to the
+    device, which would sync a GPU stream on every call and keep CUDA graphs from capturing it."""
+    work = torch.float64 if torch.device(device).type != "mps" else dtype
+    rows, cols = _cell_weights(height, cells, work, device), _cell_weights(width, cells, work, device)
+    matrix = rows[:, None, :, None] * cols[None, :, None, :]
+    return matrix.reshape(height * width, cells * cells).to(dtype=dtype)
 
 
-def _cell_weights(size: int, cells: int) -> list[list[float]]:
-    """(size, cells) weights: entry (j, i) is 1 / |cell i| where position j lies in cell i, else 0."""
-    weights = [[0.0] * cells for _ in range(size)]
-    for i in range(cells):
-        start, end = (i * size) // cells, -((-(i + 1) * size) // cells)
-        for j in range(start, end):
-            weights[j][i] = 1.0 / (end - start)
-    return weights
+def _cell_weights(size: int, cells: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(size, cells) weights: entry (j, i) is 1 / |cell i| where position j lies in cell i, else 0;
+    cell i is [floor(i size / cells), ceil((i + 1) size / cells))."""
+    i = torch.arange(cells, device=device)
+    start, end = (i * size) // cells, -((-(i + 1) * size) // cells)
+    j = torch.arange(size, device=device)[:, None]
+    inside = (j >= start) & (j < end)
+    return inside.to(dtype) / (end - start).to(dtype)
 
 
 def per_sample_conv(

@@ -160,16 +160,24 @@ static void NAME(dots)(T *out, const T *rows, long ld, long count, const T *x, l
 
 static T NAME(hardsigmoid)(T v) { return v <= -3 ? 0 : (v >= 3 ? 1 : v / 6 + (T)0.5); }
 
-/* adaptive average pooling of one (h, w) plane to pool x pool cells: cell i along a side of
-   length s is [floor(i s / p), ceil((i + 1) s / p)); the rows of a band of cells are first
-   added into one row (vector adds along w), then each cell's columns of it are summed */
+/* cell i of pool along a side of length size, as adaptive pooling cuts it: [start, end) =
+   [floor(i size / pool), ceil((i + 1) size / pool)) */
+static void NAME(cell)(long i, long size, long pool, long *start, long *end) {
+    *start = i * size / pool;
+    *end = ((i + 1) * size + pool - 1) / pool;
+}
+
+/* adaptive average pooling of one (h, w) plane to pool x pool cells (see cell); the rows of a band
+   of cells are first added into one row (vector adds along w), then each cell's columns of it are
+   summed */
 static void NAME(pool_plane)(const T *plane, long h, long w, long pool, T *band, T *out) {
     if (pool == 1) {
         out[0] = NAME(sum)(plane, h * w) / (T)(h * w);
         return;
     }
     for (long i = 0; i < pool; ++i) {
-        const long r0 = i * h / pool, r1 = ((i + 1) * h + pool - 1) / pool;
+        long r0, r1;
+        NAME(cell)(i, h, pool, &r0, &r1);
         for (long col = 0; col < w; ++col) band[col] = plane[r0 * w + col];
         for (long r = r0 + 1; r < r1; ++r) {
             const T *row = plane + r * w;
@@ -177,7 +185,8 @@ static void NAME(pool_plane)(const T *plane, long h, long w, long pool, T *band,
             for (long col = 0; col < w; ++col) band[col] += row[col];
         }
         for (long j = 0; j < pool; ++j) {
-            const long c0 = j * w / pool, c1 = ((j + 1) * w + pool - 1) / pool;
+            long c0, c1;
+            NAME(cell)(j, w, pool, &c0, &c1);
             out[i * pool + j] = NAME(sum)(band + c0, c1 - c0) / (T)((r1 - r0) * (c1 - c0));
         }
     }
@@ -190,15 +199,17 @@ static void NAME(pool_plane)(const T *plane, long h, long w, long pool, T *band,
 static int NAME(pools_by_dots)(long pool, long w) { return pool > 1 && w < 2 * (long)(VEC_BYTES / sizeof(T)); }
 
 /* pooled[c, cell] = sum_i x[c, i] avg[cell, i] for each of the c_in planes of h x w: avg holds
-   each cell's averaging weights over the plane (1 / its size inside it, 0 elsewhere; the cells as
-   in pool_plane), and one pass of dots per plane gives its pool^2 cells */
+   each cell's averaging weights over the plane (1 / its size inside it, 0 elsewhere; see cell),
+   and one pass of dots per plane gives its pool^2 cells */
 static void NAME(pool_by_dots)(const T *x, long c_in, long h, long w, long pool, T *avg, T *pooled) {
     const long hw = h * w, cells = pool * pool;
     for (long i = 0; i < cells * hw; ++i) avg[i] = 0;
     for (long i = 0; i < pool; ++i) {
-        const long r0 = i * h / pool, r1 = ((i + 1) * h + pool - 1) / pool;
+        long r0, r1;
+        NAME(cell)(i, h, pool, &r0, &r1);
         for (long j = 0; j < pool; ++j) {
-            const long c0 = j * w / pool, c1 = ((j + 1) * w + pool - 1) / pool;
+            long c0, c1;
+            NAME(cell)(j, w, pool, &c0, &c1);
             const T value = (T)1 / (T)((r1 - r0) * (c1 - c0));
             for (long r = r0; r < r1; ++r)
                 for (long c = c0; c < c1; ++c) avg[(i * pool + j) * hw + r * w + c] = value;

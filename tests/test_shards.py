@@ -133,6 +133,8 @@ def test_ddp_ranks_get_equal_batches_and_cover_the_data(shards: tuple[Path, Path
     assert len(ranks[0]) == len(ranks[1]) == 6
     seen = [i for rank in ranks for batch in rank for i in batch]
     assert sorted(seen) == list(range(3 * PER_CLASS))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)  # saved once, by rank 0
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 6)
 
 
 def test_mid_epoch_resume_continues_with_the_next_unseen_batch(shards: tuple[Path, Path], tmp_path: Path) -> None:

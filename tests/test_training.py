@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_imagenet_args, write_image_folder
+
 from dcd_lightning.callbacks import TemperatureSchedule
 from dcd_lightning.classifier import ImageClassifier, mix_batch
 from dcd_lightning.cli import describe_run, main
@@ -58,28 +58,20 @@ def test_every_paper_config_fits_on_a_tiny_image_folder(filename: str, image_fol
         "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}")
 
 
-def test_quickstart_reaches_95_percent(tmp_path: Path) -> None:
-    fit("--config", QUICKSTART, *QUIET, f"--trainer.default_root_dir={tmp_path}")
-    best = max(float(row["val/acc1"]) for row in metrics(tmp_path) if row.get("val/acc1"))
+def test_quickstart_reaches_95_percent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's main job, in full: above 95% on digits, its files under default_root_dir and
+    nothing in the working folder. (`python -m dcd_lightning fit --config QUICKSTART` in a new
+    process is the SIGTERM test below; DDP processes are test_shards.py's.)"""
+    here, root = tmp_path / "cwd", tmp_path / "out"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    fit("--config", QUICKSTART, *QUIET, f"--trainer.default_root_dir={root}")
+    best = max(float(row["val/acc1"]) for row in metrics(root) if row.get("val/acc1"))
     assert best >= 0.95
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
-    assert list(tmp_path.glob("*/version_0/config.yaml"))
-
-
-def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dcd_lightning", "fit", "--config", QUICKSTART, *QUIET,
-         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-         "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-         "--data.init_args.image_size=8", f"--trainer.default_root_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == 3 and checkpoint["epoch"] == 0
-    # SyncBatchNorm is not switched on by the quickstart config; the ddp preset does it
-    assert yaml.safe_load((ROOT / "configs" / "presets" / "ddp.yaml").read_text())["trainer"]["sync_batchnorm"]
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert list((root / "checkpoints").glob("best-*.ckpt"))
+    assert list(root.glob("*/version_0/config.yaml"))
+    assert not list(here.iterdir())
 
 
 RESUME_ARGS = [
@@ -171,7 +163,7 @@ def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:
 
 def test_corrupt_image_is_named_or_skipped(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "data")
-    bad = sorted((root / "train" / "n01443537").glob("*.JPEG"))[0]
+    bad = min((root / "train" / "n01443537").glob("*.JPEG"))
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     config = str(ROOT / "configs" / "paper" / "table4_resnet18_static.yaml")
     args = ["--config", config, *tiny_imagenet_args(root), "--data.init_args.batch_size=6",

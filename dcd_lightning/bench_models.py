@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -171,19 +170,13 @@ def _rss_kib(field: str) -> int:
 
 
 def memory(prefix: str, kinds: list[str], batch_size: int, device: str) -> list[dict[str, object]]:
-    """Peak training memory of each model (a child process each), against the static one.
-
-    On the CPU two children run at once (each measures its own peak; most of a child's time is
-    importing PyTorch); on a GPU one at a time, so that each has the device's memory to itself."""
-
-    def peak_mib(name: str) -> float:
+    """Peak training memory of each model (a child process each), against the static one."""
+    rows = []
+    for kind in ["static", *kinds]:
+        name = f"{prefix}_{kind}"
         out = subprocess.run([sys.executable, "-c", _CHILD, name, str(batch_size), device],
                              capture_output=True, text=True, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20
-
-    names = [f"{prefix}_{kind}" for kind in ["static", *kinds]]
-    with ThreadPoolExecutor(max_workers=2 if device == "cpu" else 1) as pool:
-        rows = [{"model": name, "peak_mib": peak} for name, peak in zip(names, pool.map(peak_mib, names))]
+        rows.append({"model": name, "peak_mib": json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20})
     for row in rows:
         row["ratio"] = row["peak_mib"] / rows[0]["peak_mib"]
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -28,7 +29,15 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
     formation in one call of a small C kernel (ops/_native.c, compiled on first use with the
     system's C compiler and cached; without a compiler, or with DCD_LIGHTNING_NATIVE=0, the layers
     use PyTorch calls, with the same results).
+
+    It may be called inside torch.inference_mode(): the copy and the folds are made as ordinary
+    tensors either way (inference tensors have no version counter for the folds to watch).
     """
+    with torch.inference_mode(False):
+        return _optimize(model, fold_batch_norms, native)
+
+
+def _optimize(model: nn.Module, fold_batch_norms: bool, native: bool) -> nn.Module:
     if fold_batch_norms:
         model = copy.deepcopy(model).eval()
         for parent in list(model.modules()):

@@ -260,6 +260,17 @@ def test_export_onnx_from_a_config_and_checkpoint(tmp_path, capsys) -> None:
     assert "holds no 'model.*' weights" in capsys.readouterr().err
 
 
+def test_optimize_for_inference_inside_inference_mode() -> None:
+    """Called inside torch.inference_mode() (as in a serving loop), the result is the same model:
+    inference tensors have no version counter, so the copy and folds are made outside that mode."""
+    model = calibrated("resnet10_dcd")
+    image = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        inside = optimize_for_inference(model)
+        assert not any(t.is_inference() for t in (*inside.parameters(), *inside.buffers()))
+        assert torch.equal(inside(image), optimize_for_inference(model)(image))
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_static", "resnet10_dcd", "resnet18_dcd_joint",
                                   "mobilenetv2_x0.5_dyconv"])
 def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None:

@@ -138,7 +138,8 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
 
 Result = tuple[float, float] | str  # (img/s, warm-up seconds) or why there is no figure
 
-# a compiled model is measured in a child process, which can be stopped when the time is up
+# a compiled model or a CUDA-graph capture is measured in a child process, which can be stopped
+# when the time is up
 _CHILD = ("import json, sys; from dcd_lightning.bench_gpu import throughput; "
           "print('RESULT', json.dumps(throughput(*json.loads(sys.argv[1]))))")
 

@@ -12,6 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .ops._folded import share_version_counter
 
 
+@torch.inference_mode(False)  # callable inside inference mode: the copy and folds are ordinary tensors
 def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, native: bool = True) -> nn.Module:
     """Return `model` for inference: eval mode, each DCD layer's eval-mode constants folded.
 
@@ -33,11 +34,6 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
     It may be called inside torch.inference_mode(): the copy and the folds are made as ordinary
     tensors either way (inference tensors have no version counter for the folds to watch).
     """
-    with torch.inference_mode(False):
-        return _optimize(model, fold_batch_norms, native)
-
-
-def _optimize(model: nn.Module, fold_batch_norms: bool, native: bool) -> nn.Module:
     if fold_batch_norms:
         model = copy.deepcopy(model).eval()
         for parent in list(model.modules()):

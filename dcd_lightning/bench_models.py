@@ -13,7 +13,9 @@
     is built) above what it held then: weights, gradients, optimizer state and activations, not the
     interpreter and libraries; on a GPU, torch.cuda's peak allocation.
 Times are medians; a ratio is the median over rounds of the model's time / its static model's time
-in the same round, which cancels a shared machine's slow drifts. On Linux, glibc malloc's
+in the same round, which cancels a shared machine's slow drifts; beside it, a distribution-free 95%
+confidence interval of that median (median_interval: two order statistics of the rounds' ratios),
+so a ratio near a target can be read as above it, below it, or not told apart by these rounds. On Linux, glibc malloc's
 thresholds are pinned first (steady_allocator), or page faults from whichever model allocated
 first would weigh on one side. Ratios are the numbers to read;
 absolute times on a shared machine are not stable.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -69,9 +72,25 @@ def steady_allocator() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
-    """Run every function once per round (one warm-up round first); per function, the median time
-    and the median over rounds of its time / the first function's time in the same round.
+def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of `values` (95% for z = 1.96): the
+    order statistics of ranks n/2 - z sqrt(n)/2 and 1 + n/2 + z sqrt(n)/2 (1-based, rounded, within
+    1..n), from the binomial count of values below the median. Assumes nothing about the shape of
+    the distribution, only independent rounds; with few values it is their whole range (n = 5:
+    94% coverage)."""
+    if not values:
+        raise ValueError("median_interval: no values")
+    ordered, n = sorted(values), len(values)
+    half = z * math.sqrt(n) / 2
+    low = min(max(round(n / 2 - half), 1), n)
+    high = min(max(round(1 + n / 2 + half), 1), n)
+    return ordered[low - 1], ordered[high - 1]
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float, tuple[float, float]]]:
+    """Run every function once per round (one warm-up round first); per function, the median time,
+    the median over rounds of its time / the first function's time in the same round, and that
+    median's 95% interval (median_interval).
 
     Pairing each time with the baseline's in the same round cancels the slow drifts of a shared
     machine (other tenants, frequency), which a ratio of two medians would keep."""
@@ -83,10 +102,11 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
             if round_index:
                 times[name].append(time.perf_counter() - start)
     base = times[next(iter(fns))]
-    return {
-        name: (statistics.median(values), statistics.median(v / b for v, b in zip(values, base)))
-        for name, values in times.items()
-    }
+    results = {}
+    for name, values in times.items():
+        ratios = [v / b for v, b in zip(values, base)]
+        results[name] = (statistics.median(values), statistics.median(ratios), median_interval(ratios))
+    return results
 
 
 def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]]:
@@ -109,8 +129,8 @@ def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]
                 return run
 
             results = _interleaved({kind: runner(m) for kind, m in models.items()}, rounds)
-            for kind, (seconds, ratio) in results.items():
-                rows.append({"model": f"{prefix}_{kind}", "ms": seconds * 1e3, "ratio": ratio})
+            for kind, (seconds, ratio, interval) in results.items():
+                rows.append({"model": f"{prefix}_{kind}", "ms": seconds * 1e3, "ratio": ratio, "interval": interval})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -138,7 +158,7 @@ def train(prefix: str, kinds: list[str], batch_size: int, rounds: int, device: s
     """Training step time of each model, against the static one, interleaved."""
     names = [f"{prefix}_{kind}" for kind in ["static", *kinds]]
     results = _interleaved({n: _train_step_fn(n, batch_size, device) for n in names}, rounds)
-    return [{"model": n, "ms": results[n][0] * 1e3, "ratio": results[n][1]} for n in names]
+    return [{"model": n, "ms": results[n][0] * 1e3, "ratio": results[n][1], "interval": results[n][2]} for n in names]
 
 
 _CHILD = """
@@ -183,9 +203,16 @@ def memory(prefix: str, kinds: list[str], batch_size: int, device: str) -> list[
 
 
 def _table(title: str, rows: list[dict[str, object]], value: str, unit: str) -> None:
-    print(f"### {title}\n\n| model | {unit} | / static |\n|---|---:|---:|")
+    """A markdown table; where the rows have intervals (timed parts), a column with each ratio's."""
+    timed = all("interval" in row for row in rows)
+    head = f"| model | {unit} | / static |" + (" 95% interval |" if timed else "")
+    print(f"### {title}\n\n{head}\n|---|---:|---:|" + ("---:|" if timed else ""))
     for row in rows:
-        print(f"| {row['model']} | {row[value]:.1f} | {row['ratio']:.3f} |")
+        cells = f"| {row['model']} | {row[value]:.1f} | {row['ratio']:.3f} |"
+        if timed:
+            low, high = row["interval"]
+            cells += f" {low:.3f}-{high:.3f} |"
+        print(cells)
     print()
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from dcd_lightning import bench_ops
 from dcd_lightning.bench_gpu import throughput_in_child
+from dcd_lightning.bench_models import median_interval
 from dcd_lightning.cli import main
 from dcd_lightning.ops._native import compiler
 
@@ -93,8 +94,16 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
     lines = out.splitlines()
     for group, parts in (("resnet10", 1), ("mobilenetv2_x0.35", 2)):  # latency; training step and memory
         static_rows = [line for line in lines if line.startswith(f"| {group}_static |")]
-        assert len(static_rows) == parts and all(line.endswith("| 1.000 |") for line in static_rows)
+        assert len(static_rows) == parts and all(line.strip("| ").split(" | ")[2] == "1.000" for line in static_rows)
         assert out.count(f"| {group}_dcd |") == parts and out.count(f"| {group}_dyconv |") == parts
+    # the timed parts give each ratio's 95% interval, which holds the ratio; memory has no rounds
+    assert out.count("| model | ms | / static | 95% interval |") == 2 and "| model | MiB | / static |\n" in out
+    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith(("| resnet10_", "| mobilenetv2_x0.35_"))]
+    timed = [row for row in rows if len(row) == 4]
+    assert len(timed) == len(rows) - 3 == (7 if compiler() is not None else 6)
+    for _, _, ratio, interval in timed:
+        low, high = (float(v) for v in interval.split("-"))
+        assert low <= float(ratio) <= high
     memory = [line.split(" | ") for line in lines[lines.index("### (c) peak training memory, mobilenetv2_x0.35, batch 2"):]
               if line.startswith("| mobilenetv2_x0.35_")]
     assert [row[0] for row in memory] == [f"| mobilenetv2_x0.35_{kind}" for kind in ("static", "dcd", "dyconv")]
@@ -151,3 +160,12 @@ def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.Capture
     # a compilation still running when the time is up is stopped (its child process killed)
     arguments = ["mobilenetv2_x1.0_static", 2, 32, 1, 1, "cpu", "default", False, "eager"]
     assert throughput_in_child(arguments, 0.5) == "stopped at the time limit (0 s)"
+
+
+def test_median_interval_is_the_binomial_order_statistics() -> None:
+    # ranks n/2 -/+ 1.96 sqrt(n)/2: for 60 rounds the 22nd and 39th values, in any input order
+    assert median_interval([float(v) for v in reversed(range(1, 61))]) == (22.0, 39.0)
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)  # few rounds: their whole range
+    assert median_interval([1.5]) == (1.5, 1.5)
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])

@@ -105,10 +105,31 @@ def test_onnx_export_of_every_registry_model_runs_at_another_batch_size() -> Non
 
 def test_export_onnx_command(tmp_path, capsys) -> None:
     out = tmp_path / "model.onnx"
-    assert export_main(["--model", "resnet10_dcd", "--num-classes", "7", "--image-size", "48",
+    assert export_main(["--model", "mobilenetv2_x0.35_dcd", "--num-classes", "7", "--image-size", "48",
                         "--out", str(out), "--check"]) == 0
     printed = capsys.readouterr().out
-    assert out.stat().st_size > 1e6 and "N dynamic" in printed and "onnxruntime vs PyTorch at batch 3" in printed
+    assert out.stat().st_size > 1e6 and "N dynamic" in printed
+    assert "onnxruntime vs PyTorch at batch 3" in printed and "PyTorch float32 vs float64" in printed
+    assert printed.rstrip().endswith(": ok")
+
+
+def test_export_onnx_check_fails_where_it_cannot_compare_or_the_graph_differs(tmp_path, capsys, monkeypatch) -> None:
+    # an untrained DCD ResNet overflows in eval mode: NaN logits are reported, not passed
+    out = tmp_path / "resnet.onnx"
+    assert export_main(["--model", "resnet10_dcd", "--num-classes", "7", "--image-size", "48",
+                        "--out", str(out), "--check"]) == 1
+    captured = capsys.readouterr()
+    assert out.stat().st_size > 1e6 and "not finite" in captured.err and "--checkpoint" in captured.err
+    # a graph that computes something else (here: another model's weights) fails the comparison
+    other = export_onnx(create_model("mobilenetv2_x0.35_static", num_classes=7), 48)
+    monkeypatch.setattr("dcd_lightning.export.export_onnx", lambda model, size, path: other)
+    assert export_main(["--model", "mobilenetv2_x0.35_dcd", "--num-classes", "7", "--image-size", "48",
+                        "--out", str(tmp_path / "m.onnx"), "--check"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().endswith(": FAILED") and "more than --tolerance 0.001" in captured.err
+    with pytest.raises(SystemExit):
+        export_main(["--model", "mobilenetv2_x0.35_dcd", "--out", str(out), "--check", "--tolerance", "0"])
+    assert "--tolerance must be positive" in capsys.readouterr().err
 
 
 OPERATORS = {

@@ -15,10 +15,10 @@
 Times are medians; a ratio is the median over rounds of the model's time / its static model's time
 in the same round, which cancels a shared machine's slow drifts; beside it, a distribution-free 95%
 confidence interval of that median (median_interval: two order statistics of the rounds' ratios),
-so a ratio near a target can be read as above it, below it, or not told apart by these rounds. On Linux, glibc malloc's
-thresholds are pinned first (steady_allocator), or page faults from whichever model allocated
-first would weigh on one side. Ratios are the numbers to read;
-absolute times on a shared machine are not stable.
+so a ratio near a target reads as above it, below it, or not told apart by these rounds. On Linux,
+glibc malloc's thresholds are pinned first (steady_allocator), or page faults from whichever model
+allocated first would weigh on one side. Ratios are the numbers to read; absolute times on a
+shared machine are not stable.
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ The model is traced at batch 2 (so no route meant for one sample is baked in) an
 run by onnxruntime at batch 3 against PyTorch: the command fails (exit status 1) where the largest
 difference of the logits exceeds both --tolerance times PyTorch's largest |logit| and ten times what
 float32 rounding alone does to the model's logits (against a float64 copy), or where PyTorch's own
-logits are not finite (nothing to compare: an untrained DCD ResNet in eval mode overflows). Dynamic operators export without per-sample groups:
-CondConv and DY-Conv mix their experts' outputs, depthwise DCD applies its basis kernels to the
-activations, and DCD applies each sample's 1x1 residual by a batched matrix product, so the batch
-size is an input of the graph, not a constant in it.
+logits are not finite (nothing to compare: an untrained DCD ResNet in eval mode overflows).
+
+Dynamic operators export without per-sample groups: CondConv and DY-Conv mix their experts'
+outputs, depthwise DCD applies its basis kernels to the activations, and DCD applies each sample's
+1x1 residual by a batched matrix product, so the batch size is an input of the graph, not a
+constant in it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ BATCH_TRACED, BATCH_CHECKED = 2, 3
 # PyTorch's own logits (float32 against a float64 copy of the model): onnxruntime computes the same
 # float32 function with other roundings. Measured at 224x224, batch norms set from a random batch,
 # every registry model: onnxruntime 7.5e-7 to 5.9e-4 of the largest logit, that largest where
-# PyTorch's own float32 error was 9.5e-4 (MobileNetV2 x0.5 DCD, fusion only, two diagonal blocks: random
-# models can be ill-conditioned; at 64x64 MobileNetV2 x1.0 DCD had 9e-3 against its own 1.5e-2).
+# PyTorch's own float32 error was 9.5e-4 (MobileNetV2 x0.5 DCD, fusion only, two diagonal blocks:
+# random models can be ill-conditioned; at 64x64 MobileNetV2 x1.0 DCD had 9e-3 against its own
+# 1.5e-2).
 # A graph with a batch size or route baked in errs by the order of the logits.
 TOLERANCE = 1e-3
 ROUNDING_FACTOR = 10.0

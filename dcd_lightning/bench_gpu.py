@@ -140,12 +140,28 @@ Result = tuple[float, float] | str  # (img/s, warm-up seconds) or why there is n
 
 # a compiled model or a CUDA-graph capture is measured in a child process, which can be stopped
 # when the time is up
-_CHILD = ("import json, sys; from dcd_lightning.bench_gpu import throughput; "
-          "print('RESULT', json.dumps(throughput(*json.loads(sys.argv[1]))))")
+_CHILD = "import sys; from dcd_lightning.bench_gpu import child; child(sys.argv[1])"
 
 
-def throughput_in_child(arguments: list, seconds: float) -> Result:
-    """throughput(*arguments) in a fresh interpreter, given at most `seconds`."""
+def child(arguments: str) -> None:
+    """The child process: print RESULT [img/s, warm-up s, how often torch.compile skipped CUDA
+    graphs]. mode="reduce-overhead" falls back to plain launches, silently, where it cannot capture
+    a graph; PyTorch's logs say why (its "skipping cudagraphs" lines on stderr)."""
+    from torch._dynamo.utils import counters
+
+    for logs in ({"cudagraphs": True, "perf_hints": True}, {"perf_hints": True}):
+        try:  # the log artifact that carries the reason differs between PyTorch versions
+            torch._logging.set_logs(**logs)
+            break
+        except (TypeError, ValueError):
+            continue
+    speed, warm = throughput(*json.loads(arguments))
+    print("RESULT", json.dumps([speed, warm, counters["inductor"]["cudagraph_skips"]]), flush=True)
+
+
+def throughput_in_child(arguments: list, seconds: float, notes: list[str] | None = None) -> Result:
+    """throughput(*arguments) in a fresh interpreter, given at most `seconds`; where torch.compile
+    skipped CUDA graphs, a line saying so (with PyTorch's reasons) is added to `notes`."""
     if seconds <= 0:
         return "not run: time limit"
     try:
@@ -157,12 +173,19 @@ def throughput_in_child(arguments: list, seconds: float) -> Result:
     if done.returncode != 0 or not lines:
         print(done.stderr[-4000:], file=sys.stderr)
         return f"failed (exit {done.returncode})"
-    speed, warm = json.loads(lines[-1][len("RESULT "):])
+    speed, warm, skips = json.loads(lines[-1][len("RESULT "):])
+    if skips and notes is not None:
+        reasons = dict.fromkeys(line[line.index("skipping cudagraphs"):].strip()
+                                for line in done.stderr.splitlines() if "skipping cudagraphs" in line)
+        notes.append(f"{arguments[0]}, compile ({arguments[6]}): torch.compile skipped CUDA graphs "
+                     f"{skips} time(s)" + (": " + "; ".join(reasons) if reasons else ""))
     return speed, warm
 
 
-def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], Result]) -> str:
-    """The markdown table of what has been measured so far (a cell not measured is left empty)."""
+def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], Result],
+          notes: list[str] = ()) -> str:
+    """The markdown table of what has been measured so far (a cell not measured is left empty),
+    then the notes, one per line."""
     lines = [*header, "| model | " + " | ".join(f"{m} img/s | {m} / static | {m} warm-up s" for m in modes) + " |",
              "|---|" + "---:|---:|---:|" * len(modes)]
     for name in models:
@@ -177,6 +200,8 @@ def table(header: list[str], models: list[str], modes: list[str], results: dict[
             else:
                 cells += [value, "", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
               (f"batch {args.batch_size}, {args.size}x{args.size}, {'bf16 autocast' if not args.no_bf16 else 'fp32'}, "
                f"channels_last, SGD, median of {args.steps} steps after {args.warmup}"), ""]
     results: dict[tuple[str, str], Result] = {}
+    notes: list[str] = []
     text = table(header, models, modes, results)
     for mode, names in (("eager", models), ("cuda graph", graphed), (compile_name, compiled)):
         for name in names:
@@ -239,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.compile_backend, mode == "cuda graph"]
             left = args.time_limit - (time.perf_counter() - started)
             if mode != "eager":
-                results[(name, mode)] = throughput_in_child(arguments, left)
+                results[(name, mode)] = throughput_in_child(arguments, left, notes)
             elif left <= 0:
                 results[(name, mode)] = "not run: time limit"
             else:
@@ -251,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             value = results[(name, mode)]
             print(f"{name} {mode}: " + (f"{value[0]:.0f} img/s, warm-up {value[1]:.0f} s"
                                         if isinstance(value, tuple) else value), flush=True)
-            text = table(header, models, modes, results)
+            text = table(header, models, modes, results, notes)
             if args.out:
                 with open(args.out, "w") as handle:
                     handle.write(text)

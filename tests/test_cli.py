@@ -162,6 +162,28 @@ def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.Capture
     assert throughput_in_child(arguments, 0.5) == "stopped at the time limit (0 s)"
 
 
+def test_bench_gpu_notes_where_torch_compile_skipped_cuda_graphs(monkeypatch) -> None:
+    # the child reports PyTorch's skip counter; its "skipping cudagraphs" log lines give the reasons
+    import subprocess
+
+    from dcd_lightning import bench_gpu
+
+    stderr = ("W1127 10:00:00 cudagraph_utils.py:401] skipping cudagraphs due to mutated inputs (2 instances)\n"
+              "W1127 10:00:01 cudagraph_utils.py:401] skipping cudagraphs due to mutated inputs (2 instances)\n")
+    note = ("resnet10_dcd, compile (reduce-overhead): torch.compile skipped CUDA graphs 2 time(s): "
+            "skipping cudagraphs due to mutated inputs (2 instances)")
+    for skips, expected in ((2, [note]), (0, [])):
+        done = subprocess.CompletedProcess([], 0, f"RESULT [120.0, 3.5, {skips}]\n", stderr)
+        monkeypatch.setattr(bench_gpu.subprocess, "run", lambda *args, done=done, **kwargs: done)
+        notes: list[str] = []
+        arguments = ["resnet10_dcd", 2, 32, 1, 1, "cuda", "reduce-overhead", True, "inductor", False]
+        assert bench_gpu.throughput_in_child(arguments, 60, notes) == (120.0, 3.5)
+        assert notes == expected
+    table = bench_gpu.table(["header", ""], ["resnet10_dcd"], ["eager"], {("resnet10_dcd", "eager"): (1.0, 2.0)},
+                            ["a note"])
+    assert table.endswith("| resnet10_dcd | 1 |  | 2 |\n\n- a note\n")
+
+
 def test_median_interval_is_the_binomial_order_statistics() -> None:
     # ranks n/2 -/+ 1.96 sqrt(n)/2: for 60 rounds the 22nd and 39th values, in any input order
     assert median_interval([float(v) for v in reversed(range(1, 61))]) == (22.0, 39.0)

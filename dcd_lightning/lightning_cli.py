@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import typing
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -45,6 +46,26 @@ class DCDSaveConfig(SaveConfigCallback):
                                     "params_all": profile.params, "madds": profile.madds})
 
 
+def _int_before_float(parser: LightningArgumentParser) -> list[str]:
+    """Make each option typed as a union of int and float try int first; the options changed.
+
+    Lightning reads `limit_train_batches=1` as one batch and `1.0` as all of them, and jsonargparse
+    tries a union's members in order. Python caches `Optional[Union[int, float]]` under a key that
+    ignores the order of the inner union, so whichever order some library spelled first wins: with
+    float first, `--trainer.limit_train_batches=1` became 1.0 and trained on every batch. With int
+    first, the value keeps the type it was written with (1 -> 1, 1.0 -> 1.0, 0.5 -> 0.5)."""
+    changed = []
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)  # jsonargparse's ActionTypeHint
+        if typing.get_origin(hint) is not typing.Union:
+            continue
+        members = typing.get_args(hint)
+        if int in members and float in members and members.index(float) < members.index(int):
+            action._typehint = typing.Union[(int, *(m for m in members if m is not int))]
+            changed.append(action.dest)
+    return changed
+
+
 class DCDLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
@@ -53,11 +74,14 @@ class DCDLightningCLI(LightningCLI):
       epoch end, and `last.ckpt` again when a run stops on an exception, Ctrl-C or SIGTERM, so
       `--ckpt_path last` resumes it;
     - loggers without a save_dir write under default_root_dir, W&B runs get a name and tags from
-      the config; DY-Conv layers follow the temperature schedule (`--temperature.*`).
+      the config; DY-Conv layers follow the temperature schedule (`--temperature.*`);
+    - an int stays an int in options such as `--trainer.limit_train_batches=1` (one batch), see
+      _int_before_float.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Project-wide callbacks and links."""
+        _int_before_float(parser)
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({

@@ -156,6 +156,19 @@ def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:
     configs = sorted((tmp_path / "digits_resnet10_dcd" / "shared").glob("config*.yaml"))
     assert len(configs) == 2
     assert {yaml.safe_load(c.read_text())["model"]["init_args"]["lr"] for c in configs} == {0.01, 0.02}
+    # limit_train_batches=1 is one batch (an int), not all of them (1.0)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_int_or_float_trainer_options_keep_the_type_they_are_written_with(capsys) -> None:
+    # Lightning reads limit_*_batches=1 as one batch and 1.0 as every batch
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1.0",
+              "--trainer.limit_test_batches=0.25", "--trainer.gradient_clip_val=2", "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["limit_train_batches"] == 1 and isinstance(trainer["limit_train_batches"], int)
+    assert trainer["limit_val_batches"] == 1.0 and isinstance(trainer["limit_val_batches"], float)
+    assert trainer["limit_test_batches"] == 0.25 and trainer["gradient_clip_val"] == 2
 
 
 # -- errors that name what was wrong -------------------------------------------------------------

@@ -16,7 +16,8 @@ activations, kernel) or `NAME@mixing=output` (DY-Conv's and CondConv's: auto, ke
 time a route against the default in the same table. `--cuda-graph` adds a column where the whole
 training step is captured once in a CUDA graph and replayed: the GPU's own time, without the cost
 of launching each kernel from Python (what torch.compile's mode="reduce-overhead" aims at, with no
-compilation).
+compilation). Where torch.compile skipped a CUDA graph (--compile-mode reduce-overhead), a note under
+the table says so, with PyTorch's reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -183,7 +185,7 @@ def throughput_in_child(arguments: list, seconds: float, notes: list[str] | None
 
 
 def table(header: list[str], models: list[str], modes: list[str], results: dict[tuple[str, str], Result],
-          notes: list[str] = ()) -> str:
+          notes: Sequence[str] = ()) -> str:
     """The markdown table of what has been measured so far (a cell not measured is left empty),
     then the notes, one per line."""
     lines = [*header, "| model | " + " | ".join(f"{m} img/s | {m} / static | {m} warm-up s" for m in modes) + " |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 import typing
 from typing import Any
 
@@ -46,24 +47,21 @@ class DCDSaveConfig(SaveConfigCallback):
                                     "params_all": profile.params, "madds": profile.madds})
 
 
-def _int_before_float(parser: LightningArgumentParser) -> list[str]:
-    """Make each option typed as a union of int and float try int first; the options changed.
+def _int_before_float(parser: LightningArgumentParser) -> None:
+    """Make each option typed as a union of int and float try int first.
 
     Lightning reads `limit_train_batches=1` as one batch and `1.0` as all of them, and jsonargparse
     tries a union's members in order. Python caches `Optional[Union[int, float]]` under a key that
     ignores the order of the inner union, so whichever order some library spelled first wins: with
     float first, `--trainer.limit_train_batches=1` became 1.0 and trained on every batch. With int
     first, the value keeps the type it was written with (1 -> 1, 1.0 -> 1.0, 0.5 -> 0.5)."""
-    changed = []
     for action in parser._actions:
         hint = getattr(action, "_typehint", None)  # jsonargparse's ActionTypeHint
-        if typing.get_origin(hint) is not typing.Union:
+        if typing.get_origin(hint) not in (typing.Union, types.UnionType):
             continue
         members = typing.get_args(hint)
         if int in members and float in members and members.index(float) < members.index(int):
             action._typehint = typing.Union[(int, *(m for m in members if m is not int))]
-            changed.append(action.dest)
-    return changed
 
 
 class DCDLightningCLI(LightningCLI):

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -146,10 +147,46 @@ def bench_shape(shape: Shape, batch_size: int, rounds: int) -> list[dict[str, ob
     return rows
 
 
+def describe_cpu(cpuinfo: str, l2: str = "") -> str:
+    """'model, vector ISA, L2 per core' from /proc/cpuinfo's text (its first processor) and the
+    first core's L2 size; what is unknown is left out. Ratios to static depend on these (see
+    docs/benchmarks.md, "Another machine")."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
+                                        ("sve", "SVE"), ("asimd", "NEON")) if flag in flags), "")
+    model = fields.get("model name") or fields.get("Model") or ""
+    return ", ".join(part for part in (model, isa, f"L2 {l2} per core" if l2 else "") if part)
+
+
+def _cpu() -> str:
+    """describe_cpu for this machine ('' where /proc and /sys do not say)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpuinfo = info.read()
+    except OSError:
+        return ""
+    l2 = ""
+    for cache in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (cache / "level").read_text().strip() == "2":
+                l2 = (cache / "size").read_text().strip()
+                break
+        except OSError:
+            continue
+    return describe_cpu(cpuinfo, l2)
+
+
 def machine() -> str:
     """A line naming this machine and software."""
+    cpu = _cpu()
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"{platform.processor() or platform.machine()}{f' ({cpu})' if cpu else ''}, {os.cpu_count()} logical CPUs, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
     )
 

@@ -184,6 +184,20 @@ def test_bench_gpu_notes_where_torch_compile_skipped_cuda_graphs(monkeypatch) ->
     assert table.endswith("| resnet10_dcd | 1 |  | 2 |\n\n- a note\n")
 
 
+def test_machine_line_names_the_cpu_its_vectors_and_l2() -> None:
+    from dcd_lightning.bench_ops import describe_cpu, machine
+
+    intel = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+             "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\n")
+    amd = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\nCPU part\t: 0xd0c\n"
+    assert describe_cpu(intel, "2048K") == "Intel(R) Xeon(R) Platinum 8481C, AVX-512, L2 2048K per core"
+    assert describe_cpu(amd, "512K") == "AMD EPYC, AVX2, L2 512K per core"
+    assert describe_cpu(arm) == "NEON" and describe_cpu("") == ""
+    line = machine()
+    assert "logical CPUs" in line and "torch " in line
+
+
 def test_median_interval_is_the_binomial_order_statistics() -> None:
     # ranks n/2 -/+ 1.96 sqrt(n)/2: for 60 rounds the 22nd and 39th values, in any input order
     assert median_interval([float(v) for v in reversed(range(1, 61))]) == (22.0, 39.0)

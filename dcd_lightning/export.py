@@ -70,14 +70,10 @@ def check_onnx(
     ValueError where PyTorch's logits are not all finite."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model.eval()(images)
-    (logits,) = session.run(["logits"], {"images": images.numpy()})
-    if logits.shape != tuple(expected.shape):
-        raise RuntimeError(f"export-onnx: onnxruntime gave shape {logits.shape}, PyTorch {tuple(expected.shape)}")
-    bad = int((~torch.isfinite(expected)).sum())
+    bad = int((~torch.isfinite(expected)).sum())  # checked first: then onnxruntime need not run
     if bad:
         raise ValueError(
             f"PyTorch's own logits for {batch} random images are not finite ({bad} of {expected.numel()} values "
@@ -86,6 +82,10 @@ def check_onnx(
             "residual grows from block to block until it overflows (the official release initialises its "
             "layers the same way). Check trained weights instead (--config FILE --checkpoint last.ckpt)"
         )
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    if logits.shape != tuple(expected.shape):
+        raise RuntimeError(f"export-onnx: onnxruntime gave shape {logits.shape}, PyTorch {tuple(expected.shape)}")
     with torch.no_grad():
         exact = copy.deepcopy(model).double().eval()(images.double())
     scale = float(expected.abs().max()) or 1.0

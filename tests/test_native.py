@@ -120,25 +120,46 @@ def test_native_one_sample_equals_reference(
         assert_close_relative(module(x), expected, 1e-10)
 
 
+_BLOCKINGS: dict[str, object] = {}
+
+
+@pytest.fixture(params=["4x4", "6x2"])
+def blocking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> str:
+    """The kernel built with the given register block of its products (MR rows x WV vectors: 4 x 4
+    is AVX-512's and the default elsewhere, 6 x 2 AVX2's), whatever this machine's default; each
+    build made once per session, in a folder of its own."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    if request.param not in _BLOCKINGS:
+        rows, vectors = request.param.split("x")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_native, "FLAGS", [*_native.FLAGS, f"-DMR={rows}", f"-DWV={vectors}"])
+            patch.setattr(_native, "_state", {})
+            patch.setenv("DCD_LIGHTNING_CACHE", str(tmp_path_factory.mktemp(f"blocking{request.param}")))
+            _BLOCKINGS[request.param] = _native.library()
+    assert _BLOCKINGS[request.param] is not None
+    monkeypatch.setattr(_native, "_state", {"library": _BLOCKINGS[request.param]})
+    return request.param
+
+
 @pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("route", ["form", "activations"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_native_blocked_products_at_uneven_sizes(
-    route: str, kernel_size: int, whole: bool, monkeypatch: pytest.MonkeyPatch
+    route: str, kernel_size: int, whole: bool, blocking: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sizes that leave partial blocks everywhere in the C kernel's blocked products: 70 or 150 input
-    and 37 output channels, latent 5 (rows not a multiple of 4, columns not of 8 or 16), maps of
-    9x9 and 10x10 (81 and 100 columns: blocks of four vectors, then smaller ones, the last partial),
-    stride 1 and 2 (float64). With `whole`, a 1x1 stride-1 layer does its convolution in the kernel
-    too: a product that reads x itself (its last vector copied, padded) over 150 rows in two parts
-    (KC = 128), in both loop orders."""
-    if not HAS_COMPILER:
-        pytest.skip("no C compiler on this machine")
+    """Sizes that leave partial blocks everywhere in the C kernel's blocked products, with either
+    register block: 70 or 150 input and 39 output channels, latent 5 (rows: 6 x 6 + 2 + 1 and 4 + 1
+    with blocks of 6 rows, 9 x 4 + 3 and 4 + 1 with blocks of 4), maps of 9x9 and 10x10 (81 and 100
+    columns: whole blocks of vectors, then smaller ones, the last partial), stride 1 and 2
+    (float64). With `whole`, a 1x1 stride-1 layer does its convolution in the kernel too: a product
+    that reads x itself (its last vector copied, padded) over 150 rows in two parts (KC = 128), in
+    both loop orders."""
     monkeypatch.setattr(_folded.FoldedDCD, "forms_kernel", lambda self, h, w: route == "form")
     monkeypatch.setattr(_folded, "WHOLE_MADDS", 10**12 if whole else 0)
     monkeypatch.setattr(_native, "vector_bytes", lambda: 64)  # the route whatever this machine's vectors
     for stride, c_in in ((1, 70), (2, 70), (1, 150)):
-        layer = DCDConv2d(c_in, 37, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
+        layer = DCDConv2d(c_in, 39, kernel_size, stride, latent_dim=5, latent_norm=True, gate="hard_sigmoid")
         module = optimize_for_inference(randomise(layer.double(), seed=stride))
         calls = count_whole_calls(module._folded)
         for size in (9, 10):
@@ -171,8 +192,8 @@ def test_whole_layer_limit_shrinks_with_threads(monkeypatch: pytest.MonkeyPatch)
     module = optimize_for_inference(randomise(DCDConv2d(32, 16, 1, latent_dim=4).double(), seed=0))
     calls = count_whole_calls(module._folded)
     x = torch.randn(1, 32, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    assert _native.vector_bytes() in (16, 32, 64)  # this build's vectors: the route is AVX-512's only
-    assert module._folded.plan(8, 8)[1] == (_native.vector_bytes() == 64 and torch.get_num_threads() <= 40)
+    assert _native.vector_bytes() in (16, 32, 64)  # this build's vectors: the route is AVX-512's and AVX2's
+    assert module._folded.plan(8, 8)[1] == (_native.vector_bytes() in (32, 64) and torch.get_num_threads() <= 40)
     monkeypatch.setattr(_folded, "WHOLE_MADDS", 32 * 16 * 8 * 8)  # exactly this layer's convolution
     monkeypatch.setattr(_native, "vector_bytes", lambda: 64)
     threads = torch.get_num_threads()

@@ -67,9 +67,13 @@ ELEMENT_MADDS = 4
 # runs on one thread: with more than two PyTorch threads the limit shrinks in proportion (measured
 # at one and two threads, where every MobileNetV2 layer gains whole: x0.5 at two threads 1.21 ->
 # 0.95-0.96 of static, x1.0 1.27 -> 1.22; beyond, a guess that leaves the larger convolutions to
-# PyTorch's threads). Only where the kernel's vectors are AVX-512's (64 bytes), the machine it was
-# measured on: with 32-byte vectors (AVX2, run here) the blocked product ran at 27-29 GMAdd/s
-# against 42-70, and no AVX2 machine was at hand to weigh that against PyTorch's there
+# PyTorch's threads). Only where the kernel's vectors are AVX-512's (64 bytes) or AVX2's (32), the
+# machines it was measured on. On an AVX2 CPU (AMD EPYC), with 6 x 2 register blocks (see
+# _native.c), the blocked product took the 1x1 stride-1 layer sizes of MobileNetV2 (x0.5, x1.0) in
+# 0.87 of the time of PyTorch's single-thread convolution in all (33-42 GMAdd/s; slower only with
+# few inputs on the 112x112 map), and whole layers up to this limit took MobileNetV2 from 1.13-1.19x
+# static to 1.03-1.07x (x0.5) and from 1.12-1.18x to 1.04-1.07x (x1.0), against 1.03-1.04 and
+# 1.08-1.13 up to 10M (paired runs); with AVX-512's 4 x 4 blocks it ran at 23-27 GMAdd/s there
 WHOLE_MADDS = 20_000_000
 
 # ...and only where the vector lanes its product wastes stay below this many multiply-adds: the
@@ -329,10 +333,11 @@ class FoldedDCD:
         """The batch-1 route for this input size: (forms_kernel, whole in the C kernel), made at the
         first call with that size for the number of PyTorch threads then (see WHOLE_MADDS and
         WHOLE_WASTE_MADDS; a new fold plans anew)."""
-        whole = self.kernel_size == 1 and self.stride == 1 and self.padding == 0 and _native.vector_bytes() == 64
+        vector_bytes = _native.vector_bytes()
+        whole = self.kernel_size == 1 and self.stride == 1 and self.padding == 0 and vector_bytes in (32, 64)
         if whole:
             pixels = height * width
-            lanes = 64 // self.weight.element_size()
+            lanes = vector_bytes // self.weight.element_size()
             # the pixels in a last, partial vector: at most a quarter of it go one by one (as in
             # matmul_part of _native.c), a fuller one is computed padded
             spare = pixels % lanes

@@ -51,7 +51,23 @@
 #define VEC_BYTES 16
 #endif
 
-/* VEC_BYTES of this build (the caller runs whole 1x1 layers here only where it is 64: measured) */
+/* The register block of the matrix products (see block): MR rows of a by up to WV vectors of
+   columns, in MR x WV accumulators. With AVX-512's 32 vector registers 4 x 4 (16 accumulators and
+   4 vectors of b). AVX and AVX2 have 16 registers, where 4 x 4 does not fit (its accumulators go
+   through memory): 6 x 2 (12 accumulators, 2 of b, 1 broadcast value), in 0.69 of the time on an
+   AVX2 CPU at MobileNetV2's 1x1 layer sizes. Elsewhere (SSE, Arm) 4 x 4, not measured there.
+   Either can be chosen at build time (-DMR=.. -DWV=..; the tests do, to check both anywhere) */
+#ifndef MR
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define MR 6
+#define WV 2
+#else
+#define MR 4
+#define WV 4
+#endif
+#endif
+
+/* VEC_BYTES of this build (the caller runs whole 1x1 layers here only where it is 32 or 64: measured) */
 int dcd_vector_bytes(void) { return VEC_BYTES; }
 
 typedef struct {
@@ -254,21 +270,21 @@ static long NAME(scratch_size)(const dcd_layer *layer, long h, long w) {
 typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
 #define LANES ((long)(VEC_BYTES / sizeof(T)))
 
-/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = 4 or 1) and wv vectors of columns (wv = 1 to
-   4) from column i0 of a b, in nr x wv vector accumulators (4 x 4: sixteen registers, each row of b
-   loaded once for four rows of a), then the epilogue for the columns below n. Called with
+/* One block of matmul: rows r0 .. r0 + nr - 1 (nr = MR, or fewer for the last rows) and wv vectors
+   of columns (wv = 1 to WV) from column i0 of a b, in nr x wv vector accumulators (each row of b
+   loaded once for nr rows of a), then the epilogue for the columns below n. Called with
    constant nr and wv, so each use is compiled for its own sizes; a block needs at least eight
    accumulators to keep both FMA units busy (each add waits ~4 cycles for the one before it). */
 static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, const T *a, long lda, long k, const T *b,
                                                               long ldb, long i0, long n, long r0, const int nr,
                                                               const int wv, const T *scale, const T *base,
                                                               long ldbase, const T *shift) {
-    NAME(vec) acc[4][4];
+    NAME(vec) acc[MR][WV];
     for (int r = 0; r < nr; ++r)
         for (int q = 0; q < wv; ++q) acc[r][q] = (NAME(vec)){0};
     for (long j = 0; j < k; ++j) {
         const NAME(vec) *row = (const NAME(vec) *)(b + j * ldb + i0);
-        NAME(vec) v[4];
+        NAME(vec) v[WV];
         for (int q = 0; q < wv; ++q) v[q] = row[q];
         for (int r = 0; r < nr; ++r) {
             const T c = a[(r0 + r) * lda + j];
@@ -279,7 +295,7 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
     for (int r = 0; r < nr; ++r) {
         const long o = r0 + r;
         const T g = scale ? scale[o] : (T)1, s = shift ? shift[o] : (T)0;
-        T *dst = out + o * ldo + i0, sums[4 * VEC_BYTES / sizeof(T)];
+        T *dst = out + o * ldo + i0, sums[WV * VEC_BYTES / sizeof(T)];
         const T *src = base ? base + o * ldbase + i0 : NULL;
         if (len == wv * LANES) { /* whole vectors */
             for (int q = 0; q < wv; ++q) {
@@ -294,7 +310,7 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
     }
 }
 
-/* one block of wv (1 to 4) vectors at column i0, read from the padded copy `tail` of b's last
+/* one block of wv (1 to WV) vectors at column i0, read from the padded copy `tail` of b's last
    columns when i0 is where that copy starts */
 static inline __attribute__((always_inline)) void NAME(any_block)(T *out, long ldo, const T *a, long lda, long k,
                                                                   const T *b, long ldb, long n, long r0, const int nr,
@@ -305,8 +321,8 @@ static inline __attribute__((always_inline)) void NAME(any_block)(T *out, long l
         out += i0, n -= i0, b = tail, ldb = wv * LANES, i0 = 0;
         base = base ? base + i_tail : NULL;
     }
-    if (wv == 4) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 4, scale, base, ldbase, shift);
-    if (wv == 3) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 3, scale, base, ldbase, shift);
+    if (WV >= 4 && wv == 4) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 4, scale, base, ldbase, shift);
+    if (WV >= 3 && wv == 3) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 3, scale, base, ldbase, shift);
     if (wv == 2) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 2, scale, base, ldbase, shift);
     if (wv == 1) NAME(block)(out, ldo, a, lda, k, b, ldb, i0, n, r0, nr, 1, scale, base, ldbase, shift);
 }
@@ -343,12 +359,12 @@ static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, 
         NAME(columns_by_dots)(out, ldo, a, lda, rows, k, b, ldb, n - spare, n, scale, base, ldbase, shift);
         n -= spare;
     }
-    /* the columns in blocks of four vectors, then up to two smaller ones (never a lone vector
-       after fours: 4 + 1 becomes 3 + 2, as a block needs eight accumulators or more to be fast) */
+    /* the columns in blocks of WV vectors, then up to two smaller ones (never a lone vector after
+       blocks of 3 or 4: 4 + 1 becomes 3 + 2, as a block needs eight accumulators or more to be fast) */
     const long vectors = (n + LANES - 1) / LANES;
-    long fours = vectors / 4, first = vectors % 4, second = 0;
-    if (first == 1 && fours > 0) fours -= 1, first = 3, second = 2;
-    const long wide = fours * 4 * LANES, last = second ? second : (first ? first : 4);
+    long groups = vectors / WV, first = vectors % WV, second = 0;
+    if (WV >= 3 && first == 1 && groups > 0) groups -= 1, first = WV - 1, second = 2;
+    const long wide = groups * WV * LANES, last = second ? second : (first ? first : WV);
     const long i_tail = (vectors - last) * LANES;
     T *tail = NULL;
     if (ldb < vectors * LANES && n % LANES) { /* b's rows end inside the last vector: copy the last block */
@@ -361,21 +377,30 @@ static int NAME(matmul_part)(T *out, long ldo, const T *a, long lda, long rows, 
 #define COLUMNS(r0, nr, i_from)                                                                                  \
     do {                                                                                                         \
         long i0 = (i_from);                                                                                      \
-        for (; i0 < wide; i0 += 4 * LANES)                                                                       \
-            NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0, 4, tail, i_tail, scale, base, ldbase, shift); \
+        for (; i0 < wide; i0 += WV * LANES)                                                                      \
+            NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0, WV, tail, i_tail, scale, base, ldbase, shift); \
         if (first) NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0, first, tail, i_tail, scale, base, ldbase, shift); \
         if (second)                                                                                              \
             NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, nr, i0 + first * LANES, second, tail, i_tail, scale, \
                             base, ldbase, shift);                                                                \
     } while (0)
     long r0;
-    if (k * ldb * (long)sizeof(T) <= (32 << 10)) { /* b fits in L1: four rows of a at a time */
-        for (r0 = 0; r0 + 4 <= rows; r0 += 4) COLUMNS(r0, 4, 0);
-    } else { /* panels of b (k x 4 vectors) outermost, each kept in cache for all the rows of a */
-        for (long i0 = 0; i0 < wide; i0 += 4 * LANES)
-            for (r0 = 0; r0 + 4 <= rows; r0 += 4)
-                NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, 4, i0, 4, tail, i_tail, scale, base, ldbase, shift);
-        for (r0 = 0; r0 + 4 <= rows; r0 += 4) COLUMNS(r0, 4, wide);
+    if (k * ldb * (long)sizeof(T) <= (32 << 10)) { /* b fits in L1: MR rows of a at a time */
+        for (r0 = 0; r0 + MR <= rows; r0 += MR) COLUMNS(r0, MR, 0);
+    } else { /* panels of b (k x WV vectors) outermost, each kept in cache for all the rows of a */
+        for (long i0 = 0; i0 < wide; i0 += WV * LANES)
+            for (r0 = 0; r0 + MR <= rows; r0 += MR)
+                NAME(any_block)(out, ldo, a, lda, k, b, ldb, n, r0, MR, i0, WV, tail, i_tail, scale, base, ldbase, shift);
+        for (r0 = 0; r0 + MR <= rows; r0 += MR) COLUMNS(r0, MR, wide);
+    }
+    /* the last rows (fewer than MR): with MR = 6, four, then two at a time; then one at a time */
+    if (MR > 4 && r0 + 4 <= rows) {
+        COLUMNS(r0, 4, 0);
+        r0 += 4;
+    }
+    if (MR > 4 && r0 + 2 <= rows) {
+        COLUMNS(r0, 2, 0);
+        r0 += 2;
     }
     for (; r0 < rows; ++r0) COLUMNS(r0, 1, 0);
 #undef COLUMNS

@@ -39,7 +39,7 @@ import torch
 from .bench_ops import machine
 from .inference import optimize_for_inference
 from .models import create_model
-from .ops._native import compiler, library
+from .ops._native import compiler, library, register_block, vector_bytes
 
 GROUPS = {
     "mobilenetv2_x1.0": ["dcd", "dyconv", "condconv"],
@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if "latency" in parts:
         kernel = "not available (PyTorch calls only)"
         if library() is not None:
-            kernel = f"built with {Path(compiler()).name}"
+            rows, vectors = register_block()
+            kernel = (f"built with {Path(compiler()).name}, {vector_bytes()}-byte vectors, "
+                      f"{rows} x {vectors} register blocks")
         print(f"batch-1 C kernel of folded DCD layers (ops/_native.c): {kernel}\n")
         groups = {g: GROUPS[g] for g in args.models.split(",")}
         rounds = args.latency_rounds or 3 * args.rounds

@@ -70,6 +70,9 @@
 /* VEC_BYTES of this build (the caller runs whole 1x1 layers here only where it is 32 or 64: measured) */
 int dcd_vector_bytes(void) { return VEC_BYTES; }
 
+/* this build's register block as 100 MR + WV (602: 6 rows by 2 vectors) */
+int dcd_register_block(void) { return 100 * MR + WV; }
+
 typedef struct {
     long c_in, c_out, latent, hidden, kernel_size, pool;
     long attention;  /* 1: channel attention (Lambda) present */

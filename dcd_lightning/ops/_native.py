@@ -149,6 +149,7 @@ def _load() -> ctypes.CDLL | None:
         whole.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
         sample.restype = vector.restype = apply.restype = whole.restype = ctypes.c_int
     lib.dcd_vector_bytes.argtypes, lib.dcd_vector_bytes.restype = [], ctypes.c_int
+    lib.dcd_register_block.argtypes, lib.dcd_register_block.restype = [], ctypes.c_int
     return lib
 
 
@@ -168,6 +169,16 @@ def vector_bytes() -> int:
     """The width of the C kernel's vectors (64 with AVX-512, 32 with AVX, 16 otherwise), 0 without it."""
     lib = library()
     return 0 if lib is None else int(lib.dcd_vector_bytes())
+
+
+def register_block() -> tuple[int, int]:
+    """The register block of the C kernel's matrix products, (rows, vectors of columns): (4, 4) with
+    AVX-512 and where nothing else was measured, (6, 2) with AVX2 (see _native.c); (0, 0) without it."""
+    lib = library()
+    if lib is None:
+        return 0, 0
+    block = int(lib.dcd_register_block())
+    return block // 100, block % 100
 
 
 def check(status: int) -> None:

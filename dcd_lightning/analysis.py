@@ -2,7 +2,9 @@
 
 - `phi_normalized_variance(model, images)`: per DCD layer, the variance of each entry phi_ij over
   the images, averaged over the entries, divided by the variance of the layer's input feature map.
-- `PhiVarianceMonitor`: the same over the validation set, logged as `phi_var/NN_<layer>`.
+- `PhiVarianceMonitor`: the same over the validation set, logged as `phi_var/NN_<layer>` (a
+  Lightning callback, defined in callbacks.py and found here too; this module itself does not import
+  Lightning, so notebooks that only read runs start faster).
 - `load_runs(folder)`: every CSV-logged run under a folder, one row each, with the config values
   that differ between the runs (the swept values) and the best/last validation accuracy.
 - `load_history(run)`: a run's metrics per epoch. `load_wandb_runs(path)`: the same table from W&B.
@@ -15,10 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from .ops import DCDConv2d, DCDDepthwiseConv2d
@@ -111,45 +111,6 @@ def phi_normalized_variance(model: nn.Module, batches: Iterable[Tensor | tuple[T
         stats.detach()
         model.train(was_training)
     return {name: stats.normalized_variance(stats.as_tensor(name)) for name, _ in stats.layers if name in stats.sums}
-
-
-class PhiVarianceMonitor(Callback):
-    """Log the normalized variance of Phi of every DCD layer over the validation set, each epoch,
-    as `phi_var/NN_<layer name>` (NN: the layer's index, so columns sort by depth)."""
-
-    def __init__(self, max_batches: int | None = None) -> None:
-        super().__init__()
-        self.max_batches = max_batches
-        self._stats: _PhiStatistics | None = None
-        self._batches = 0
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Start collecting (not during the sanity check)."""
-        if trainer.sanity_checking:
-            return
-        self._stats = _PhiStatistics(dcd_layers(pl_module))
-        self._stats.attach()
-        self._batches = 0
-
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Stop collecting after max_batches."""
-        self._batches += 1
-        if self._stats is not None and self.max_batches and self._batches >= self.max_batches:
-            self._stats.detach()
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Reduce the sums over ranks and log one value per layer."""
-        if self._stats is None:
-            return
-        self._stats.detach()
-        for index, (name, _) in enumerate(self._stats.layers):
-            if name not in self._stats.sums:
-                continue
-            packed = trainer.strategy.reduce(self._stats.as_tensor(name), reduce_op="sum")
-            value = self._stats.normalized_variance(packed)
-            pl_module.log(f"phi_var/{index:02d}_{name.replace('.', '_')}", value, sync_dist=False, rank_zero_only=True)
-        self._stats = None
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -291,3 +252,12 @@ def _paper_index(run: Any, table: str, rows: list[dict], registry: dict) -> int 
     if spec is None:
         return None
     return next((index for key, index in spec.paper if key == table), None)
+
+
+def __getattr__(name: str) -> Any:
+    """`dcd_lightning.analysis.PhiVarianceMonitor`, the name configs use, imported on first use."""
+    if name == "PhiVarianceMonitor":
+        from .callbacks import PhiVarianceMonitor
+
+        return PhiVarianceMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

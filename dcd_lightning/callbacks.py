@@ -1,4 +1,5 @@
-"""Training callbacks: DY-Conv's temperature schedule and a report of where a run wrote its files."""
+"""Training callbacks: DY-Conv's temperature schedule, a report of where a run wrote its files, and
+Phi's variance per DCD layer at each validation (PhiVarianceMonitor, also named from analysis.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from .analysis import _PhiStatistics, dcd_layers
 from .classifier import stepping
 from .ops import DyConv2d
 
@@ -118,3 +120,42 @@ class RestoreLoaderPosition(Callback):
         loop._combined_loader._load_state_dicts(states)
         loop._combined_loader_states_to_load = []
         iter(loop._data_fetcher)  # a new iterator that starts from the restored position
+
+
+class PhiVarianceMonitor(Callback):
+    """Log the normalized variance of Phi of every DCD layer over the validation set, each epoch,
+    as `phi_var/NN_<layer name>` (NN: the layer's index, so columns sort by depth)."""
+
+    def __init__(self, max_batches: int | None = None) -> None:
+        super().__init__()
+        self.max_batches = max_batches
+        self._stats: _PhiStatistics | None = None
+        self._batches = 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start collecting (not during the sanity check)."""
+        if trainer.sanity_checking:
+            return
+        self._stats = _PhiStatistics(dcd_layers(pl_module))
+        self._stats.attach()
+        self._batches = 0
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Stop collecting after max_batches."""
+        self._batches += 1
+        if self._stats is not None and self.max_batches and self._batches >= self.max_batches:
+            self._stats.detach()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reduce the sums over ranks and log one value per layer."""
+        if self._stats is None:
+            return
+        self._stats.detach()
+        for index, (name, _) in enumerate(self._stats.layers):
+            if name not in self._stats.sums:
+                continue
+            packed = trainer.strategy.reduce(self._stats.as_tensor(name), reduce_op="sum")
+            value = self._stats.normalized_variance(packed)
+            pl_module.log(f"phi_var/{index:02d}_{name.replace('.', '_')}", value, sync_dist=False, rank_zero_only=True)
+        self._stats = None

@@ -59,13 +59,18 @@ def test_every_paper_config_fits_on_a_tiny_image_folder(filename: str, image_fol
 
 
 def test_quickstart_reaches_95_percent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's main job, in full: above 95% on digits, its files under default_root_dir and
-    nothing in the working folder. (`python -m dcd_lightning fit --config QUICKSTART` in a new
-    process is the SIGTERM test below; DDP processes are test_shards.py's.)"""
+    """The README's main job: above 95% on digits, its files under default_root_dir and nothing in
+    the working folder. The run stops once validation reaches 95% (the mark checked here; epoch 3
+    of 6 when measured, half the test's time), with the quickstart's own schedule and settings
+    otherwise. (`python -m dcd_lightning fit --config QUICKSTART` in a new process is the SIGTERM
+    test below; DDP processes are test_shards.py's.)"""
     here, root = tmp_path / "cwd", tmp_path / "out"
     here.mkdir()
     monkeypatch.chdir(here)
-    fit("--config", QUICKSTART, *QUIET, f"--trainer.default_root_dir={root}")
+    at_95 = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=val/acc1",
+             "--trainer.callbacks.mode=max", "--trainer.callbacks.stopping_threshold=0.95",
+             "--trainer.callbacks.patience=1000"]
+    fit("--config", QUICKSTART, *QUIET, *at_95, f"--trainer.default_root_dir={root}")
     best = max(float(row["val/acc1"]) for row in metrics(root) if row.get("val/acc1"))
     assert best >= 0.95
     assert (root / "checkpoints" / "last.ckpt").is_file()

@@ -138,30 +138,30 @@ def test_bench_gpu_model_settings_reach_every_layer_and_bad_ones_are_refused(cap
 
 def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gpu.md"
-    assert main(["bench-gpu", "--models", "mobilenetv2_x1.0_static,mobilenetv2_x1.0_dcd,mobilenetv2_x1.0_dcd@route=kernel",
+    assert main(["bench-gpu", "--models", "mobilenetv2_x0.35_static,mobilenetv2_x0.35_dcd,mobilenetv2_x0.35_dcd@route=kernel",
                  "--batch-size", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--no-compile",
                  "--out", str(out)]) == 0
     table = out.read_text()
-    assert "| mobilenetv2_x1.0_static | " in table and "| 1.00 |" in table
+    assert "| mobilenetv2_x0.35_static | " in table and "| 1.00 |" in table
     assert "failed" not in table and table.count("\n| ") == 4  # header and three models
-    variant = next(row for row in table.splitlines() if row.startswith("| mobilenetv2_x1.0_dcd@route=kernel |"))
+    variant = next(row for row in table.splitlines() if row.startswith("| mobilenetv2_x0.35_dcd@route=kernel |"))
     assert variant.split(" | ")[2] not in ("", "1.00")  # timed, with a ratio to the static model
     # compiled too (with the eager backend here: inductor's CPU build takes minutes), in a child
     # process; a compiled model not in --models joins the table
-    assert main(["bench-gpu", "--models", "resnet10_dcd", "--compile-models", "mobilenetv2_x1.0_static",
+    assert main(["bench-gpu", "--models", "resnet10_dcd", "--compile-models", "mobilenetv2_x0.35_static",
                  "--compile-backend", "eager", "--batch-size", "2", "--size", "32", "--steps", "1", "--warmup", "1",
                  "--out", str(out)]) == 0
     rows = out.read_text().splitlines()
     assert "compile [eager] img/s" in rows[3] and "eager warm-up s" in rows[3]
-    static = next(row for row in rows if row.startswith("| mobilenetv2_x1.0_static |")).split(" | ")
+    static = next(row for row in rows if row.startswith("| mobilenetv2_x0.35_static |")).split(" | ")
     assert static[2] == "1.00" and static[5] == "1.00"  # eager and compiled ratios to the static model
     dcd = next(row for row in rows if row.startswith("| resnet10_dcd |")).split(" | ")
     assert dcd[1] != "" and dcd[4] == "" and "failed" not in out.read_text()  # resnet10_dcd: eager only
     # with the time up, nothing more is measured and the table says so
-    assert main(["bench-gpu", "--models", "mobilenetv2_x1.0_static", "--time-limit", "0", "--out", str(out)]) == 0
-    assert "| mobilenetv2_x1.0_static | not run: time limit |" in out.read_text()
+    assert main(["bench-gpu", "--models", "mobilenetv2_x0.35_static", "--time-limit", "0", "--out", str(out)]) == 0
+    assert "| mobilenetv2_x0.35_static | not run: time limit |" in out.read_text()
     # a compilation still running when the time is up is stopped (its child process killed)
-    arguments = ["mobilenetv2_x1.0_static", 2, 32, 1, 1, "cpu", "default", False, "eager"]
+    arguments = ["mobilenetv2_x0.35_static", 2, 32, 1, 1, "cpu", "default", False, "eager"]
     assert throughput_in_child(arguments, 0.5) == "stopped at the time limit (0 s)"
 
 

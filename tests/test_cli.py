@@ -110,9 +110,10 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
     assert [row[0] for row in memory] == [f"| mobilenetv2_x0.35_{kind}" for kind in ("static", "dcd", "dyconv")]
     assert all(float(row[1]) > 0 for row in memory)  # each child's own peak, in the order of the models
     assert "batch-1 C kernel of folded DCD layers" in out
-    if compiler() is not None:  # how it was built: the vector width and register block, which decide its speed
+    if compiler() is not None:
+        # how it was built (the vector width and register block decide its speed), and the same DCD
+        # model without the kernel beside it
         assert re.search(r"built with \S+, (16|32|64)-byte vectors, (4 x 4|6 x 2) register blocks", out), out
-    if compiler() is not None:  # the same DCD model without the kernel, beside it
         assert out.count("| resnet10_dcd (PyTorch calls) |") == 1
 
 

@@ -128,7 +128,8 @@ def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> No
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
-    short = ["--data.init_args.image_size=8", "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2"]
+    steps = 5  # per epoch
+    short = ["--data.init_args.image_size=8", f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=2"]
     args = [sys.executable, "-m", "dcd_lightning", "fit", "--config", QUICKSTART, *QUIET, *short,
             "--trainer.max_epochs=1000", f"--trainer.default_root_dir={tmp_path}"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -146,10 +147,10 @@ def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
         process.kill()
     assert "SIGTERMException: saved the last completed step" in output
     stopped = torch.load(last, weights_only=False)
-    assert stopped["global_step"] >= 5  # at least the first epoch (5 steps) is kept
+    assert stopped["global_step"] >= steps  # at least the first epoch is kept
     fit("--config", QUICKSTART, *QUIET, *short, f"--trainer.max_epochs={stopped['epoch'] + 2}",
         f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")
-    assert torch.load(last, weights_only=False)["global_step"] == 5 * (stopped["epoch"] + 2)
+    assert torch.load(last, weights_only=False)["global_step"] == steps * (stopped["epoch"] + 2)
 
 
 def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:

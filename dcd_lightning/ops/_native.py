@@ -2,10 +2,10 @@
 
 `library()` compiles _native.c with the system's C compiler on first use (6 s with GCC on a 2-core
 AVX2 machine; 9 s there with the 4 x 4 blocks) into a per-user cache and loads it with ctypes;
-later runs load the cached build. It returns None, and
-the folded layers keep their PyTorch path, where that is not possible: no C compiler, a failed
-build (a warning says why), or DCD_LIGHTNING_NATIVE=0 in the environment. Plain C with no
-PyTorch headers, so the build needs nothing but a compiler.
+later runs load the cached build. It returns None, and the folded layers keep their PyTorch path,
+where that is not possible: no C compiler, a failed build (a warning says why), or
+DCD_LIGHTNING_NATIVE=0 in the environment. Plain C with no PyTorch headers, so the build needs
+nothing but a compiler.
 
 The build is for this CPU (-march=native); the cache key includes the source, the flags, the
 compiler and the CPU's identity, so a cache shared between different machines (a network home)

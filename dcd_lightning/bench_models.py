@@ -6,7 +6,10 @@
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round, after optimize_for_inference on both (batch norms folded into
     the convolutions before them; DCD layers' constants folded, one sample through the C kernel of
-    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it).
+    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it). Every
+    model's batch norms first take the statistics of one random batch (calibrate_batch_norms), as
+    a trained model's would be: with a fresh model's mean 0 and variance 1 the dynamic ResNets
+    overflow to inf and NaN in eval mode, and would be timed on those.
 (b) train: one training step (forward, backward, SGD step) at a realistic batch, ratio to static.
 (c) memory: peak memory of two training steps, ratio to static. On the CPU each model runs in a
     child process and the figure is its peak resident memory (Linux VmHWM, reset before the model
@@ -31,13 +34,14 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .bench_ops import machine
-from .inference import optimize_for_inference
+from .inference import calibrate_batch_norms, optimize_for_inference
 from .models import create_model
 from .ops._native import compiler, library, register_block, vector_bytes
 
@@ -116,11 +120,26 @@ def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]
     rows = []
     try:
         x = torch.randn(1, 3, 224, 224)
+        # batch-norm statistics for every model from one batch (at half the size: a fraction of a second)
+        calibration = torch.randn(8, 3, 112, 112, generator=torch.Generator().manual_seed(0))
         for prefix, kinds in groups.items():
-            built = {kind: create_model(f"{prefix}_{kind}") for kind in ["static", *kinds]}
+            built = {
+                kind: calibrate_batch_norms(create_model(f"{prefix}_{kind}").eval(), calibration)
+                for kind in ["static", *kinds]
+            }
             models = {kind: optimize_for_inference(model) for kind, model in built.items()}
             if "dcd" in built and library() is not None:  # the same model without the C kernel, beside it
                 models["dcd (PyTorch calls)"] = optimize_for_inference(built["dcd"], native=False)
+
+            with torch.inference_mode():
+                overflowing = [kind for kind, m in models.items() if not torch.isfinite(m(x)).all()]
+            if overflowing:
+                warnings.warn(
+                    f"bench: {', '.join(f'{prefix}_{kind}' for kind in overflowing)} gave inf or NaN outputs after "
+                    "calibrate_batch_norms; their times are of that arithmetic",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
             def runner(model: torch.nn.Module) -> Callable[[], object]:
                 def run() -> object:

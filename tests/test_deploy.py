@@ -13,6 +13,7 @@ from torch import nn
 from dcd_lightning import create_model, list_models, optimize_for_inference
 from dcd_lightning.export import BATCH_TRACED, export_onnx
 from dcd_lightning.export import main as export_main
+from dcd_lightning.inference import calibrate_batch_norms
 from dcd_lightning.ops import (
     CondConv2d,
     DCDConv2d,
@@ -30,13 +31,37 @@ def calibrated(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     running statistics, mean 0 and variance 1, make deep dynamic models overflow in eval mode)."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).to(dtype)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a cumulative average: one batch sets the statistics
-            module.reset_running_stats()
+    return calibrate_batch_norms(model, torch.randn(64, 3, SIZE, SIZE, dtype=dtype)).eval()
+
+
+def test_calibrate_batch_norms_sets_one_batchs_statistics_and_nothing_else() -> None:
+    """A fresh DCD ResNet overflows in eval mode; after calibrate_batch_norms each norm holds the
+    statistics of the batch's activations at its input and the outputs are finite; momentum,
+    weights and training modes are as they were."""
+    torch.manual_seed(0)
+    model = create_model("resnet10_dcd", num_classes=10).eval()
+    images = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        model.train()(torch.randn(64, 3, SIZE, SIZE, dtype=dtype))
-    return model.eval()
+        assert not torch.isfinite(model(images)).all()  # why the benchmark and these tests calibrate
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms[1].momentum = 0.3
+    model.layer1.train()  # a mixed state, to be kept
+    modes = {name: m.training for name, m in model.named_modules()}
+    weights = {name: t.clone() for name, t in model.state_dict().items() if "running" not in name and "tracked" not in name}
+    seen = {}
+    hooks = [norm.register_forward_pre_hook(lambda m, args: seen.setdefault(m, args[0].detach())) for norm in norms]
+    assert calibrate_batch_norms(model, images) is model
+    for hook in hooks:
+        hook.remove()
+    for norm in norms:
+        x = seen[norm]
+        assert torch.allclose(norm.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(norm.running_var, x.var((0, 2, 3)), rtol=1e-4)  # unbiased, as PyTorch keeps it
+    assert [norm.momentum for norm in norms[:3]] == [0.1, 0.3, 0.1]
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(torch.equal(model.state_dict()[name], t) for name, t in weights.items())
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(images)).all()
 
 
 def per_sample_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

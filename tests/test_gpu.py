@@ -24,6 +24,7 @@ from test_ops import (
 )
 
 from dcd_lightning import create_model, optimize_for_inference
+from dcd_lightning.inference import calibrate_batch_norms
 
 DEVICE = torch.device("cuda")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
@@ -90,13 +91,7 @@ def test_model_on_cuda_equals_cpu_and_trains_in_bf16(name: str) -> None:
     # initial (0, 1), and then a DCD ResNet's outputs grow without bound in eval mode (its dynamic
     # coefficients grow with the input, so each layer's output with the input's square)
     model, x = model.double(), x.double()
-    for norm in model.modules():
-        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative average: one batch sets them
-    with torch.no_grad():
-        model.train()(x)
-    model.eval()
+    calibrate_batch_norms(model, x).eval()
     assert_same_on_cpu(model, x)
     with torch.no_grad():
         assert_close_relative(optimize_for_inference(model)(x), model(x))

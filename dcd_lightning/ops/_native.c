@@ -230,18 +230,24 @@ static void NAME(pool_by_dots)(const T *x, long c_in, long h, long w, long pool,
     for (long c = 0; c < c_in; ++c) NAME(dots)(pooled + c * cells, avg, hw, cells, x + c * hw, hw);
 }
 
-/* pooling, branch and gates of one sample: coef = [lam (gated, if attention), Phi']; scratch
-   holds scratch_size values */
-static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long w, T *coef, T *scratch) {
-    const long c_in = layer->c_in, hidden = layer->hidden, pool = layer->pool;
-    const long n_att = layer->attention ? layer->c_out : 0, n_coef = n_att + layer->latent * layer->latent;
-    const long n_pooled = c_in * pool * pool;
-    T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden, *band = se + hidden;
-
+/* the branch's input: x pooled to pool x pool cells per channel, into the start of scratch */
+static void NAME(pool_input)(const dcd_layer *layer, const T *x, long h, long w, T *scratch) {
+    const long c_in = layer->c_in, pool = layer->pool;
+    T *pooled = scratch, *band = pooled + c_in * pool * pool + 2 * layer->hidden;
     if (NAME(pools_by_dots)(pool, w))
         NAME(pool_by_dots)(x, c_in, h, w, pool, band, pooled);
     else
         for (long c = 0; c < c_in; ++c) NAME(pool_plane)(x + c * h * w, h, w, pool, band, pooled + c * pool * pool);
+}
+
+/* the branch and gates from pool_input's pooled values in scratch: coef = [lam (gated, if
+   attention), Phi'] */
+static void NAME(branch)(const dcd_layer *layer, T *coef, T *scratch) {
+    const long hidden = layer->hidden, pool = layer->pool;
+    const long n_att = layer->attention ? layer->c_out : 0, n_coef = n_att + layer->latent * layer->latent;
+    const long n_pooled = layer->c_in * pool * pool;
+    T *pooled = scratch, *hid = pooled + n_pooled, *se = hid + hidden;
+
     NAME(dots)(hid, (const T *)layer->fc, n_pooled, hidden, pooled, n_pooled);
     if (layer->se) {
         NAME(dots)(se, (const T *)layer->se, hidden, hidden, hid, hidden);
@@ -252,6 +258,13 @@ static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long 
     NAME(combine)(coef, n_coef, (const T *)layer->head_bias, 1, hid, (const T *)layer->head_t, hidden, n_coef);
     for (long o = 0; o < n_att; ++o)
         coef[o] = layer->hard_gate ? NAME(hardsigmoid)(coef[o]) : (T)1 / ((T)1 + (T)exp(-(double)coef[o]));
+}
+
+/* pooling, branch and gates of one sample: coef = [lam (gated, if attention), Phi']; scratch
+   holds scratch_size values */
+static void NAME(coefficients)(const dcd_layer *layer, const T *x, long h, long w, T *coef, T *scratch) {
+    NAME(pool_input)(layer, x, h, w, scratch);
+    NAME(branch)(layer, coef, scratch);
 }
 
 /* coefficients' scratch for an h x w input: the pooled input, two hidden vectors, then a band
@@ -449,21 +462,25 @@ static void NAME(sample_bias)(const dcd_layer *layer, const T *lam, const T *v, 
     }
 }
 
-/* The activation route's residual, in place: out = lam out + P (Phi' (Q1 xs + c1)) + P c2 for
-   xs (c_in x n, rows ldx apart) and coef = [lam, Phi'] from coefficients; z and fused are scratch
-   of latent rows of ld >= n rounded up to 16. Returns 1 when a product found no memory, else 0. */
-static int NAME(add_residual)(const dcd_layer *layer, const T *coef, const T *xs, long ldx, long n, long ld,
-                              T *z, T *fused, T *out) {
-    const long c_in = layer->c_in, c_out = layer->c_out, latent = layer->latent;
-    const long n_att = layer->attention ? c_out : 0;
-    int status = NAME(matmul)(z, ld, (const T *)layer->compress, latent, c_in, xs, ldx, n, NULL, NULL, 0,
-                              (const T *)layer->latent_bias);
-    for (long a = 0; a < latent; ++a) /* defined padding (lanes the last product computes, never stores) */
+/* The activation route's latent input: z = Q1 xs + c1 (latent rows ld apart, zero from n to ld)
+   for xs (c_in x n, rows ldx apart); ld is n rounded up to 16. Returns 1 when the product found
+   no memory, else 0. It needs x only, not the branch: the callers run it while x is still in
+   cache from the pooling, before the branch's weights stream through the caches. */
+static int NAME(latent_input)(const dcd_layer *layer, const T *xs, long ldx, long n, long ld, T *z) {
+    const int status = NAME(matmul)(z, ld, (const T *)layer->compress, layer->latent, layer->c_in, xs, ldx, n, NULL,
+                                    NULL, 0, (const T *)layer->latent_bias);
+    for (long a = 0; a < layer->latent; ++a) /* defined padding (lanes the last product computes, never stores) */
         for (long i = n; i < ld; ++i) z[a * ld + i] = 0;
-    NAME(matmul)(fused, ld, coef + n_att, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
-    status |= NAME(matmul)(out, n, (const T *)layer->expand, c_out, latent, fused, ld, n, n_att ? coef : NULL,
-                           out, n, (const T *)layer->expand_bias);
     return status;
+}
+
+/* The activation route's residual, in place: out = lam out + P (Phi' z) + P c2 for z from
+   latent_input and coef = [lam, Phi'] from the branch; fused is scratch like z. */
+static int NAME(add_latent)(const dcd_layer *layer, const T *coef, const T *z, long n, long ld, T *fused, T *out) {
+    const long c_out = layer->c_out, latent = layer->latent, n_att = layer->attention ? c_out : 0;
+    NAME(matmul)(fused, ld, coef + n_att, latent, latent, z, ld, ld, NULL, NULL, 0, NULL);
+    return NAME(matmul)(out, n, (const T *)layer->expand, c_out, latent, fused, ld, n, n_att ? coef : NULL, out, n,
+                        (const T *)layer->expand_bias);
 }
 
 int NAME(dcd_one_sample)(const dcd_layer *layer, const T *x, long h, long w, T *kernel, T *bias_out) {
@@ -516,16 +533,21 @@ int NAME(dcd_one_sample_1x1)(const dcd_layer *layer, const T *x, long h, long w,
     const T *weight = (const T *)layer->weight, *expand = (const T *)layer->expand;
     int status;
 
-    NAME(coefficients)(layer, x, h, w, coef, scratch);
     if (forms) {
         T *t = work, *v = t + latent * ld, *kernel = v + latent, *bias = kernel + c_out * c_in;
+        NAME(coefficients)(layer, x, h, w, coef, scratch);
         NAME(latent_rows)(layer, coef + n_att, t, ld, v);
         NAME(matmul)(kernel, c_in, expand, c_out, latent, t, ld, c_in, lam, weight, c_in, NULL);
         NAME(sample_bias)(layer, lam, v, bias);
         status = NAME(matmul)(out, n, kernel, c_out, c_in, x, n, n, NULL, NULL, 0, bias);
-    } else { /* out = W0' x + b0, then the residual in place */
-        status = NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, (const T *)layer->bias);
-        status |= NAME(add_residual)(layer, coef, x, n, n, ld, work, work + latent * ld, out);
+    } else { /* z = Q1 x + c1 while x is in cache from the pooling; the branch; out = W0' x + b0, then
+                the residual in place */
+        T *z = work, *fused = z + latent * ld;
+        NAME(pool_input)(layer, x, h, w, scratch);
+        status = NAME(latent_input)(layer, x, n, n, ld, z);
+        NAME(branch)(layer, coef, scratch);
+        status |= NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, (const T *)layer->bias);
+        status |= NAME(add_latent)(layer, coef, z, n, ld, fused, out);
     }
     free(scratch);
     return status;
@@ -547,7 +569,7 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
     if (!scratch) return 1;
     T *coef = scratch + n_branch, *xs = coef + n_coef, *z = xs + n_xs, *fused = z + latent * ld;
 
-    NAME(coefficients)(layer, x, h, w, coef, scratch);
+    NAME(pool_input)(layer, x, h, w, scratch);
     if (stride > 1) { /* the samples at the centre taps, gathered; at stride 1 they are x itself */
         for (long c = 0; c < c_in; ++c) {
             T *dst = xs + c * ld;
@@ -557,7 +579,11 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
             for (long i = n; i < ld; ++i) dst[i] = 0;
         }
     }
-    const int status = NAME(add_residual)(layer, coef, stride == 1 ? x : xs, stride == 1 ? n : ld, n, ld, z, fused, out);
+    /* z = Q1 xs + c1 while x is in cache from the pooling, then the branch, whose weights take
+       the caches' place, then the residual */
+    int status = NAME(latent_input)(layer, stride == 1 ? x : xs, stride == 1 ? n : ld, n, ld, z);
+    NAME(branch)(layer, coef, scratch);
+    status |= NAME(add_latent)(layer, coef, z, n, ld, fused, out);
     free(scratch);
     return status;
 }

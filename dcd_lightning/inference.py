@@ -54,8 +54,8 @@ def calibrate_batch_norms(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """Set every batch norm's running statistics to those of one batch, in place; returns `model`.
 
     A model fresh from its initializer holds mean 0 and variance 1, which makes a deep dynamic
-    ResNet overflow in eval mode (an untrained DCD ResNet-18's activations reach 1e11 by its third
-    stage, then inf and NaN); after one training-mode forward of `images` each norm holds that
+    ResNet overflow in eval mode (an untrained DCD ResNet-18's activations grow layer by layer past
+    1e11, then to inf and NaN); after one training-mode forward of `images` each norm holds that
     batch's statistics and the activations stay in range, as in a trained model. For timing and
     export checks of untrained models, not for a trained one (its statistics would be replaced).
     Weights, momentum and the model's training mode are left as they were.

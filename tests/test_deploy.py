@@ -285,10 +285,7 @@ def test_export_onnx_from_a_config_and_checkpoint(tmp_path, capsys) -> None:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.01)  # weights a fresh model does not have
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = None
-        model.train()(torch.randn(64, 3, size, size))
+    calibrate_batch_norms(model, torch.randn(64, 3, size, size))  # and batch-norm statistics
     checkpoint = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
     out = tmp_path / "m.onnx"

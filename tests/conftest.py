@@ -1,5 +1,6 @@
-"""Shared fixtures: offline W&B, a tiny ImageNet-layout image folder generated on the fly, and the
-ONNX export of every registry model started in the background (see pytest_collection_finish)."""
+"""Shared fixtures: offline W&B, a tiny ImageNet-layout image folder generated on the fly, the
+threads of each pytest-xdist worker, and the ONNX export of every registry model started in the
+background (see pytest_collection_finish)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,30 @@ from PIL import Image
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# pyproject's addopts run the suite on pytest-xdist workers (pytest_xdist_auto_num_workers). In a
+# worker, PyTorch gets that worker's share of the CPUs for its threads, and so do the processes its
+# tests start (they inherit OMP_NUM_THREADS): the workers then do not oversubscribe the cores
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER is not None:
+    THREADS = max(1, available_cpus() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per CPU, at most four (each holds a PyTorch and its models in memory;
+    on two cores the suite takes ~7 minutes this way against ~10 in one process)."""
+    return max(1, min(4, available_cpus()))
+
 
 CLASSES = ("n01440764", "n01443537", "n01484850")
 
@@ -56,17 +81,32 @@ def tiny_imagenet_args(root: Path) -> list[str]:
 ONNX_TEST = "test_onnx_export_of_every_registry_model_runs_at_another_batch_size"
 
 
+# fixtures that build something slow once per process (a module's training runs and sweep, the
+# kernel with the other register block): under xdist the tests using one go to a single worker
+# (--dist loadgroup), so that it is built once
+SHARED_FIXTURES = ("small_runs", "blocking")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the ONNX test of every registry model last: its exports run in the background meanwhile."""
-    last = [item for item in items if item.name == ONNX_TEST]
-    items[:] = [item for item in items if item.name != ONNX_TEST] + last
+    """Run the ONNX test of every registry model last, its exports running in the background
+    meanwhile; under xdist first, so that its worker starts on it while the other takes the rest.
+    Tests using one of SHARED_FIXTURES share an xdist group."""
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    onnx = [item for item in items if item.name == ONNX_TEST]
+    rest = [item for item in items if item.name != ONNX_TEST]
+    items[:] = onnx + rest if WORKER is not None else rest + onnx
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When the ONNX test is to run, start its exports now, in one child process: ~1.5 minutes of
-    single-threaded work that then overlaps the rest of the suite instead of adding to it; the test
-    collects and checks the results (test_deploy.background_onnx_errors)."""
-    if not session.config.option.collectonly and any(item.name == ONNX_TEST for item in session.items):
+    """When the ONNX test is to run in a single process (`-n 0`), start its exports now, in one
+    child process: ~1.5 minutes of single-threaded work that then overlaps the rest of the suite
+    instead of adding to it; the test collects and checks the results. Under xdist the test runs
+    them itself, first on its worker (pytest_collection_modifyitems)."""
+    if WORKER is None and not session.config.option.collectonly and any(item.name == ONNX_TEST for item in session.items):
         import test_deploy
 
         test_deploy.start_background_onnx_exports()

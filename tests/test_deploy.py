@@ -112,7 +112,8 @@ def stop_background_onnx_exports() -> None:
 def test_onnx_export_of_every_registry_model_runs_at_another_batch_size() -> None:
     """Every registry model exports with a dynamic batch axis and runs at batch 5 in onnxruntime.
     The exports run in child processes (single-threaded work), started in the background when the
-    session was collected (conftest), or here with two workers when that did not happen."""
+    session was collected (conftest, in a single-process run), or here with two workers otherwise
+    (under xdist, where this test runs first on its worker)."""
     futures = _BACKGROUND.get("futures")
     if futures is None:
         names = list_models()

@@ -35,7 +35,7 @@ if WORKER is not None:
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one worker per CPU, at most four (each holds a PyTorch and its models in memory;
-    on two cores the suite took 7-8.5 minutes this way, 10-10.5 in one process)."""
+    on two cores the suite took 7-9.5 minutes this way, 10-10.5 in one process)."""
     return max(1, min(4, available_cpus()))
 
 

@@ -6,7 +6,14 @@
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round, after optimize_for_inference on both (batch norms folded into
     the convolutions before them; DCD layers' constants folded, one sample through the C kernel of
-    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it). Every
+    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it). With
+    --reads-floor, also "static + DCD's reads": the static model reading, at each DCD layer's
+    place, as many floats as that layer holds beyond the static one (12 MB for ResNet-18), with
+    none of DCD's arithmetic. Where DCD's layers keep PyTorch's convolution (the ResNets), that is
+    the floor that reading DCD's weights once per image sets under its ratio on this machine. It is
+    not one for MobileNetV2, whose DCD layers the C kernel computes whole, convolution included,
+    and where the reads' own calls (a module and a sum per layer, some microseconds each) weigh
+    on a 13-25 ms model. Every
     model's batch norms first take the statistics of one random batch (calibrate_batch_norms), as
     a trained model's would be: with a fresh model's mean 0 and variance 1 the dynamic ResNets
     overflow to inf and NaN in eval mode, and would be timed on those.
@@ -91,6 +98,51 @@ def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]
     return ordered[low - 1], ordered[high - 1]
 
 
+class _ReadsFirst(torch.nn.Module):
+    """`inner`, after reading `numel` floats of its own from memory (a sum, discarded)."""
+
+    def __init__(self, inner: torch.nn.Module, numel: int) -> None:
+        super().__init__()
+        self.inner = inner
+        # written values (pages of zeros could all map to one page, which would read from cache)
+        self.register_buffer("extra", torch.randn(numel, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.extra.sum()
+        return self.inner(x)
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.dtype.is_floating_point)
+
+
+def extra_floats(static: torch.nn.Module, dynamic: torch.nn.Module) -> dict[str, int]:
+    """Per layer of `dynamic` that differs from `static`'s at the same place (the outermost such
+    modules), how many floats it holds beyond the static layer: branch, P and Q, latent norms."""
+    extra: dict[str, int] = {}
+    static_modules = dict(static.named_modules())
+    for name, module in dynamic.named_modules():
+        other = static_modules.get(name)
+        if other is not None and type(other) is not type(module) and not any(name.startswith(p + ".") for p in extra):
+            extra[name] = _numel(module) - _numel(other)
+    return extra
+
+
+def with_reads(model: torch.nn.Module, extra: dict[str, int]) -> torch.nn.Module:
+    """`model` (changed in place and returned) reading, before each layer named in `extra`, that
+    many floats of its own. With extra_floats of a static model and its dynamic one, on a copy of
+    the static model: the memory traffic the dynamic model adds per image, with none of its
+    arithmetic. Its time over the static model's is the floor that reading those weights once per
+    image puts under the dynamic model's on this machine (at batch 1 they come from memory: the
+    models' weights are larger than the caches)."""
+    for name, numel in extra.items():
+        if numel > 0:
+            parent, _, child = name.rpartition(".")
+            holder = model.get_submodule(parent)
+            setattr(holder, child, _ReadsFirst(getattr(holder, child), numel))
+    return model
+
+
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float, tuple[float, float]]]:
     """Run every function once per round (one warm-up round first); per function, the median time,
     the median over rounds of its time / the first function's time in the same round, and that
@@ -113,8 +165,9 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return results
 
 
-def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]]:
-    """Batch-1 single-thread eval latency, each dynamic model against its static one."""
+def latency(groups: dict[str, list[str]], rounds: int, reads_floor: bool = False) -> list[dict[str, object]]:
+    """Batch-1 single-thread eval latency, each dynamic model against its static one (and with
+    `reads_floor`, the static model reading DCD's extra weights: see with_reads)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
@@ -130,6 +183,9 @@ def latency(groups: dict[str, list[str]], rounds: int) -> list[dict[str, object]
             models = {kind: optimize_for_inference(model) for kind, model in built.items()}
             if "dcd" in built and library() is not None:  # the same model without the C kernel, beside it
                 models["dcd (PyTorch calls)"] = optimize_for_inference(built["dcd"], native=False)
+            if reads_floor and "dcd" in built:  # the static model reading DCD's extra weights
+                extra = extra_floats(built["static"], built["dcd"])
+                models["static + DCD's reads"] = with_reads(optimize_for_inference(built["static"]), extra)
 
             with torch.inference_mode():
                 overflowing = [kind for kind, m in models.items() if not torch.isfinite(m(x)).all()]
@@ -245,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the training step (default 10)")
     parser.add_argument("--latency-rounds", type=int, default=None,
                         help="rounds of batch-1 latency (default: 3 x --rounds; each is milliseconds)")
+    parser.add_argument("--reads-floor", action="store_true",
+                        help="latency: also time each static model reading its DCD model's extra weights "
+                             "(branch, P, Q) at the DCD layers' places, none of DCD's arithmetic")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -263,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch-1 C kernel of folded DCD layers (ops/_native.c): {kernel}\n")
         groups = {g: GROUPS[g] for g in args.models.split(",")}
         rounds = args.latency_rounds or 3 * args.rounds
-        _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, rounds), "ms", "ms")
+        _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, rounds, args.reads_floor), "ms", "ms")
     kinds = GROUPS[args.train_group]
     if "train" in parts:
         _table(f"(b) training step, {args.train_group}, batch {args.batch_size}, 224x224",

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dcd_lightning import bench_ops
 from dcd_lightning.bench_gpu import throughput_in_child
-from dcd_lightning.bench_models import median_interval
+from dcd_lightning.bench_models import extra_floats, median_interval, with_reads
 from dcd_lightning.cli import main
+from dcd_lightning.inference import optimize_for_inference
+from dcd_lightning.models import create_model
+from dcd_lightning.ops import DCDReleaseConv2d, DCDReleaseLinear
 from dcd_lightning.ops._native import compiler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +106,7 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
     rows = [line.strip("| ").split(" | ") for line in lines if line.startswith(("| resnet10_", "| mobilenetv2_x0.35_"))]
     timed = [row for row in rows if len(row) == 4]
     assert len(timed) == len(rows) - 3 == (7 if compiler() is not None else 6)
+    assert "DCD's reads" not in out  # only with --reads-floor
     for _, _, ratio, interval in timed:
         low, high = (float(v) for v in interval.split("-"))
         assert low <= float(ratio) <= high
@@ -117,6 +122,31 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
         # model without the kernel beside it
         assert re.search(r"built with \S+, (16|32|64)-byte vectors, (4 x 4|6 x 2) register blocks", out), out
         assert out.count("| resnet10_dcd (PyTorch calls) |") == 1
+
+
+def test_bench_reads_floor_times_the_static_model_reading_dcds_weights(capsys) -> None:
+    assert main(["bench", "--part", "latency", "--models", "resnet10", "--latency-rounds", "2", "--reads-floor"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet10")]
+    assert rows[-1][0] == "resnet10_static + DCD's reads" and float(rows[-1][2]) > 0
+    assert [row[0] for row in rows[:3]] == ["resnet10_static", "resnet10_dcd", "resnet10_dyconv"]
+
+
+def test_static_model_with_dcds_reads_reads_exactly_the_extra_weights() -> None:
+    static, dcd = create_model("resnet10_static", num_classes=10), create_model("resnet10_dcd", num_classes=10)
+    extra = extra_floats(static, dcd)
+    dynamic = [name for name, m in dcd.named_modules() if isinstance(m, (DCDReleaseConv2d, DCDReleaseLinear))]
+    assert sorted(extra) == sorted(dynamic)  # the outermost dynamic layers only, not their branches
+    floats = [t for t in (*dcd.parameters(), *dcd.buffers()) if t.dtype.is_floating_point]
+    static_floats = [t for t in (*static.parameters(), *static.buffers()) if t.dtype.is_floating_point]
+    assert sum(extra.values()) == sum(t.numel() for t in floats) - sum(t.numel() for t in static_floats)
+    folded = optimize_for_inference(static)
+    reading = with_reads(optimize_for_inference(static), extra)
+    readers = {name: m for name, m in reading.named_modules() if type(m).__name__ == "_ReadsFirst"}
+    assert sorted(readers) == sorted(extra) and all(readers[n].extra.numel() == extra[n] for n in extra)
+    assert all(bool(reader.extra.abs().sum() > 0) for reader in readers.values())  # written memory, not zero pages
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reading(images), folded(images))  # reads only: the static model's outputs
 
 
 def test_bench_gpu_model_settings_reach_every_layer_and_bad_ones_are_refused(capsys) -> None:

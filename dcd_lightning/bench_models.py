@@ -1,7 +1,7 @@
 """`python -m dcd_lightning bench`: whole-model cost of the dynamic models against their static ones.
 
     python -m dcd_lightning bench [--part latency,train,memory] [--rounds 10] [--latency-rounds 30]
-                                  [--batch-size 32]
+                                  [--batch-size 32] [--reads-floor]
 
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round, after optimize_for_inference on both (batch norms folded into

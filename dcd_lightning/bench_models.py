@@ -50,6 +50,7 @@ import torch
 from .bench_ops import machine
 from .inference import calibrate_batch_norms, optimize_for_inference
 from .models import create_model
+from .ops._folded import layer_tensors
 from .ops._native import compiler, library, register_block, vector_bytes
 
 GROUPS = {
@@ -112,8 +113,9 @@ class _ReadsFirst(torch.nn.Module):
         return self.inner(x)
 
 
-def _numel(module: torch.nn.Module) -> int:
-    return sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.dtype.is_floating_point)
+def _floats(module: torch.nn.Module) -> int:
+    """How many values a module's parameters and floating buffers hold (layer_tensors: what a fold reads)."""
+    return sum(t.numel() for t in layer_tensors(module))
 
 
 def extra_floats(static: torch.nn.Module, dynamic: torch.nn.Module) -> dict[str, int]:
@@ -124,7 +126,7 @@ def extra_floats(static: torch.nn.Module, dynamic: torch.nn.Module) -> dict[str,
     for name, module in dynamic.named_modules():
         other = static_modules.get(name)
         if other is not None and type(other) is not type(module) and not any(name.startswith(p + ".") for p in extra):
-            extra[name] = _numel(module) - _numel(other)
+            extra[name] = _floats(module) - _floats(other)
     return extra
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
+from ..ops.pooling import MaxPool2d
 
 ConvFactory = Callable[[int, int], nn.Module]
 LinearFactory = Callable[[int, int], nn.Module]
@@ -99,7 +100,7 @@ class ResNet(nn.Module):
             self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)  # nn.MaxPool2d, a C kernel at inference
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         stages = []

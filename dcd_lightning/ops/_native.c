@@ -39,6 +39,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* the vector width of the blocked products: one register, 64 bytes with AVX-512, 32 with AVX, else
    16 (a generic vector wider than the target's registers is lowered to scalar code by GCC, ~50x
@@ -612,6 +613,54 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
         out[o] = lam * (out[o] + (b0 ? b0[o] : 0)) + NAME(dot)(expand + o * latent, fused, latent) + (c2 ? c2[o] : 0);
     }
     free(scratch);
+    return 0;
+}
+
+/* Max pooling of `planes` contiguous planes of h x w, kh x kw windows at strides sh, sw, padded by
+   ph, pw (at most half a window, as PyTorch requires), no dilation, outputs rounded down: out holds
+   the planes of oh x ow. Each output row's window rows are first reduced into one row (vector
+   maxima along w, in a row padded with -inf), then each output is the maximum of kw of its values,
+   for a whole output row at a time (strided vector loads; one output at a time, the compares'
+   branches on random values took 3.1 ms for the stem below, against 0.4). A NaN anywhere in a
+   window gives NaN, as in PyTorch. For the ResNet stem (64 x 112 x 112, 3 x 3, stride 2), whose
+   NCHW pooling PyTorch's CPU kernel does with indices, in 8-9 ms on an AVX2 CPU (a tenth of a
+   static ResNet-18 at batch 1). Returns 1 where no memory was left for the row. */
+int NAME(dcd_max_pool)(const T *x, long planes, long h, long w, long kh, long kw, long sh, long sw, long ph, long pw,
+                       T *out) {
+    const long oh = (h + 2 * ph - kh) / sh + 1, ow = (w + 2 * pw - kw) / sw + 1, padded = w + 2 * pw;
+    T *row = malloc(sizeof(T) * padded);
+    if (!row) return 1;
+    for (long j = 0; j < pw; ++j) row[j] = row[padded - 1 - j] = -(T)INFINITY;
+    T *inner = row + pw;
+    for (long plane = 0; plane < planes; ++plane) {
+        const T *src = x + plane * h * w;
+        T *dst = out + plane * oh * ow;
+        for (long i = 0; i < oh; ++i) {
+            long r0 = i * sh - ph, r1 = r0 + kh;
+            r0 = r0 < 0 ? 0 : r0;
+            r1 = r1 > h ? h : r1;
+            memcpy(inner, src + r0 * w, sizeof(T) * w);
+            for (long r = r0 + 1; r < r1; ++r) {
+                const T *line = src + r * w;
+#pragma omp simd
+                for (long j = 0; j < w; ++j) {
+                    const T v = line[j], m = inner[j];
+                    inner[j] = (v > m || v != v) ? v : m;
+                }
+            }
+            T *o = dst + i * ow;
+#pragma omp simd
+            for (long j = 0; j < ow; ++j) o[j] = row[j * sw];
+            for (long t = 1; t < kw; ++t) {
+#pragma omp simd
+                for (long j = 0; j < ow; ++j) {
+                    const T v = row[j * sw + t], m = o[j];
+                    o[j] = (v > m || v != v) ? v : m;
+                }
+            }
+        }
+    }
+    free(row);
     return 0;
 }
 

@@ -149,6 +149,9 @@ def _load() -> ctypes.CDLL | None:
         apply.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
         whole.argtypes = [ctypes.POINTER(Layer), pointer, size, size, size, pointer]
         sample.restype = vector.restype = apply.restype = whole.restype = ctypes.c_int
+        pool = getattr(lib, "dcd_max_pool" + suffix)  # (x, planes, h, w, kh, kw, sh, sw, ph, pw, out)
+        pool.argtypes = [pointer, *[size] * 9, pointer]
+        pool.restype = ctypes.c_int
     lib.dcd_vector_bytes.argtypes, lib.dcd_vector_bytes.restype = [], ctypes.c_int
     lib.dcd_register_block.argtypes, lib.dcd_register_block.restype = [], ctypes.c_int
     return lib
@@ -164,6 +167,12 @@ def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ...] | None:
     if lib is None:
         return None
     return tuple(getattr(lib, name + SUFFIXES[dtype]) for name in FUNCTIONS)
+
+
+def max_pool(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The kernel's dcd_max_pool for tensors of `dtype` (max pooling of NCHW planes), or None."""
+    lib = library() if dtype in SUFFIXES else None
+    return None if lib is None else getattr(lib, "dcd_max_pool" + SUFFIXES[dtype])
 
 
 def vector_bytes() -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from dcd_lightning import create_model
 from dcd_lightning.ops import _native
-from dcd_lightning.ops.pooling import MaxPool2d
+from dcd_lightning.ops.pooling import MAX_THREADS, MaxPool2d
 
 HAS_COMPILER = _native.compiler() is not None
 
@@ -146,3 +146,16 @@ def test_resnet_stem_pools_through_the_kernel(kernel_calls: list) -> None:
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
     assert kernel_calls == ([(2 * 64, 32, 32, 3, 3, 2, 2, 1, 1)] if HAS_COMPILER else [])
+
+
+def test_max_pool_leaves_many_threads_to_pytorch(monkeypatch: pytest.MonkeyPatch, kernel_calls: list) -> None:
+    """Beyond MAX_THREADS PyTorch threads, PyTorch's pooling (threaded) is used, with the same outputs."""
+    x = awkward_values((2, 4, 12, 14), torch.float32, seed=3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: MAX_THREADS + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(MaxPool2d(3, 2, 1)(x), F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
+    assert kernel_calls == []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: MAX_THREADS)
+    with torch.no_grad():
+        MaxPool2d(3, 2, 1)(x)
+    assert len(kernel_calls) == (1 if HAS_COMPILER else 0)

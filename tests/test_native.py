@@ -29,6 +29,7 @@ from test_ops import (
 from dcd_lightning import create_model, optimize_for_inference
 from dcd_lightning.ops import DCDConv2d, _folded, _native
 from dcd_lightning.ops._common import pool_input
+from dcd_lightning.ops.static import InferenceConv1x1
 
 # channel fusion in one block: what the kernel covers
 NATIVE = sorted(
@@ -397,3 +398,90 @@ def test_traced_graph_does_not_bake_the_sample_in(batch: int) -> None:
         warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated; it still traces
         traced = torch.jit.trace(model, traced_input, check_trace=False)
         assert_close_relative(traced(other), model(other), 1e-10)
+
+
+# -- static 1x1 convolutions through the same product (ops/static.py) ----------------------------
+
+
+@pytest.fixture
+def conv_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """(c_out, c_in, pixels) of each call of the C kernel's plain 1x1 convolution (planned after
+    this fixture is set up)."""
+    calls: list[tuple[int, int, int]] = []
+    lookup = _native.conv_1x1
+
+    def recording(dtype: torch.dtype):
+        function = lookup(dtype)
+        if function is None:
+            return None
+        return lambda *args: calls.append(args[3:6]) or function(*args)
+
+    monkeypatch.setattr(_native, "conv_1x1", recording)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (13, 6), (14, 14), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_conv_1x1_equals_the_convolution(
+    size: tuple[int, int], bias: bool, dtype: torch.dtype, conv_calls: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sample through the C product equals the convolution; it is taken where the rule of DCD's
+    whole layers takes theirs (forced here, whatever this machine's vectors)."""
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 64 if HAS_COMPILER else 0)
+    conv = torch.nn.Conv2d(24, 20, 1, bias=bias, dtype=dtype)
+    layer = InferenceConv1x1.from_conv(conv)
+    assert layer.weight is conv.weight and layer.bias is conv.bias
+    x = torch.randn(1, 24, *size, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with torch.no_grad():
+        assert_close_relative(layer(x), conv(x), 1e-12 if dtype == torch.float64 else 1e-5)
+    assert conv_calls == ([(20, 24, size[0] * size[1])] if HAS_COMPILER else [])
+
+
+def test_inference_conv_1x1_leaves_other_cases_to_pytorch(conv_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches, gradients, channels-last inputs and convolutions over WHOLE_MADDS are PyTorch's."""
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 64)
+    conv = torch.nn.Conv2d(16, 8, 1)
+    layer = InferenceConv1x1.from_conv(conv)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close_relative(layer(x), conv(x), 1e-12)
+        assert_close_relative(layer(x[:1].contiguous(memory_format=torch.channels_last)), conv(x[:1]), 1e-12)
+    out = layer(x[:1])
+    out.sum().backward()
+    assert conv.weight.grad is not None
+    assert conv_calls == []
+    monkeypatch.setattr(_folded, "WHOLE_MADDS", 0)
+    with torch.no_grad():
+        assert_close_relative(layer(x[:1, :, :4]), conv(x[:1, :, :4]), 1e-12)  # a new size plans anew
+    assert conv_calls == []
+    with pytest.raises(ValueError, match="not a 1x1, stride-1"):
+        InferenceConv1x1.from_conv(torch.nn.Conv2d(16, 8, 3, padding=1))
+
+
+def test_optimize_for_inference_gives_static_1x1_layers_the_product(conv_calls: list) -> None:
+    """The copy's plain 1x1 stride-1 convolutions (static MobileNetV2's pointwise layers) become
+    InferenceConv1x1 and keep the model's outputs; the model passed in is untouched; copies and
+    pickles plan anew; with native=False, or without a copy, they stay PyTorch's."""
+    model = randomise(create_model("mobilenetv2_x0.35_static"), seed=3).eval()
+    pointwise = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    optimized = optimize_for_inference(model)
+    replaced = [n for n, m in optimized.named_modules() if isinstance(m, InferenceConv1x1)]
+    assert replaced == pointwise and len(replaced) == 34
+    assert not any(isinstance(m, InferenceConv1x1) for m in model.modules())
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        assert_close_relative(optimized(x), expected, 1e-10)
+        copied = copy.deepcopy(optimized)
+        buffer = io.BytesIO()
+        torch.save(optimized, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert_close_relative(copied(x), expected, 1e-10)
+        assert_close_relative(loaded(x), expected, 1e-10)
+    if HAS_COMPILER and _native.vector_bytes() in (32, 64):
+        assert len(conv_calls) > 0
+    for options in ({"native": False}, {"fold_batch_norms": False}):
+        kept = optimize_for_inference(copy.deepcopy(model), **options)
+        assert not any(isinstance(m, InferenceConv1x1) for m in kept.modules())

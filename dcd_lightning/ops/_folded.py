@@ -86,6 +86,28 @@ WHOLE_MADDS = 20_000_000
 WHOLE_WASTE_MADDS = 1_000_000
 
 
+def whole_in_c(out_channels: int, in_channels: int, height: int, width: int, element_size: int) -> bool:
+    """Whether a 1x1, stride-1 convolution of one (in_channels, height, width) sample is computed by
+    the C kernel's blocked product rather than PyTorch's convolution: where the kernel's vectors are
+    AVX-512's or AVX2's, up to WHOLE_MADDS (shrinking with more than two PyTorch threads) and
+    WHOLE_WASTE_MADDS. The rule of DCD's whole 1x1 layers, and of the static 1x1 convolutions to
+    which optimize_for_inference gives the same product (ops/static.py)."""
+    vector_bytes = _native.vector_bytes()
+    if vector_bytes not in (32, 64):
+        return False
+    pixels = height * width
+    lanes = vector_bytes // element_size
+    # the pixels in a last, partial vector: at most a quarter of it go one by one (as in
+    # matmul_part of _native.c), a fuller one is computed padded
+    spare = pixels % lanes
+    padding = 0 if pixels > lanes and 4 * spare <= lanes else -pixels % lanes
+    madds = out_channels * in_channels * pixels
+    return (
+        madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
+        and out_channels * in_channels * padding <= WHOLE_WASTE_MADDS
+    )
+
+
 def tracing() -> bool:
     """True while jit.trace records a graph (also the TorchScript ONNX exporter): the one-sample
     paths give way there (a call into C would be recorded as a constant, and a graph must serve any
@@ -333,20 +355,12 @@ class FoldedDCD:
         """The batch-1 route for this input size: (forms_kernel, whole in the C kernel), made at the
         first call with that size for the number of PyTorch threads then (see WHOLE_MADDS and
         WHOLE_WASTE_MADDS; a new fold plans anew)."""
-        vector_bytes = _native.vector_bytes()
-        whole = self.kernel_size == 1 and self.stride == 1 and self.padding == 0 and vector_bytes in (32, 64)
-        if whole:
-            pixels = height * width
-            lanes = vector_bytes // self.weight.element_size()
-            # the pixels in a last, partial vector: at most a quarter of it go one by one (as in
-            # matmul_part of _native.c), a fuller one is computed padded
-            spare = pixels % lanes
-            padding = 0 if pixels > lanes and 4 * spare <= lanes else -pixels % lanes
-            madds = self.out_channels * self.in_channels * pixels
-            whole = (
-                madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
-                and self.out_channels * self.in_channels * padding <= WHOLE_WASTE_MADDS
-            )
+        whole = (
+            self.kernel_size == 1
+            and self.stride == 1
+            and self.padding == 0
+            and whole_in_c(self.out_channels, self.in_channels, height, width, self.weight.element_size())
+        )
         return self.forms_kernel(height, width), whole
 
     def one_sample_native(self, x: Tensor) -> Tensor:

@@ -616,6 +616,14 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
     return 0;
 }
 
+/* A plain 1x1, stride-1 convolution of one sample, out = weight x + bias (bias may be NULL): the
+   product of dcd_one_sample_1x1's whole layers without their branch. optimize_for_inference gives
+   it to the static 1x1 convolutions that the same rule would send there (ops/static.py), so that a
+   static model and its DCD model compute such layers alike. */
+int NAME(dcd_conv_1x1)(const T *weight, const T *bias, const T *x, long c_out, long c_in, long n, T *out) {
+    return NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, bias);
+}
+
 /* Max pooling of `planes` contiguous planes of h x w, kh x kw windows at strides sh, sw, padded by
    ph, pw (at most half a window, as PyTorch requires), no dilation, outputs rounded down: out holds
    the planes of oh x ow. Each output row's window rows are first reduced into one row (vector

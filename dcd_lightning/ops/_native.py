@@ -151,7 +151,9 @@ def _load() -> ctypes.CDLL | None:
         sample.restype = vector.restype = apply.restype = whole.restype = ctypes.c_int
         pool = getattr(lib, "dcd_max_pool" + suffix)  # (x, planes, h, w, kh, kw, sh, sw, ph, pw, out)
         pool.argtypes = [pointer, *[size] * 9, pointer]
-        pool.restype = ctypes.c_int
+        conv = getattr(lib, "dcd_conv_1x1" + suffix)  # (weight, bias, x, c_out, c_in, pixels, out)
+        conv.argtypes = [pointer, pointer, pointer, size, size, size, pointer]
+        pool.restype = conv.restype = ctypes.c_int
     lib.dcd_vector_bytes.argtypes, lib.dcd_vector_bytes.restype = [], ctypes.c_int
     lib.dcd_register_block.argtypes, lib.dcd_register_block.restype = [], ctypes.c_int
     return lib
@@ -173,6 +175,12 @@ def max_pool(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel's dcd_max_pool for tensors of `dtype` (max pooling of NCHW planes), or None."""
     lib = library() if dtype in SUFFIXES else None
     return None if lib is None else getattr(lib, "dcd_max_pool" + SUFFIXES[dtype])
+
+
+def conv_1x1(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The kernel's dcd_conv_1x1 for tensors of `dtype` (one sample's 1x1 convolution), or None."""
+    lib = library() if dtype in SUFFIXES else None
+    return None if lib is None else getattr(lib, "dcd_conv_1x1" + SUFFIXES[dtype])
 
 
 def vector_bytes() -> int:

@@ -30,8 +30,9 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
     formation in one call of a small C kernel (ops/_native.c, compiled on first use with the
     system's C compiler and cached; without a compiler, or with DCD_LIGHTNING_NATIVE=0, the layers
     use PyTorch calls, with the same results). Where the C kernel computes a DCD 1x1 layer's
-    convolution itself, it computes a plain 1x1 convolution of the same size too: with both
-    options (the default) the copy's plain 1x1, stride-1 convolutions become InferenceConv1x1
+    convolution itself, it computes a plain 1x1 convolution of the same size too, and a plain
+    linear layer as a DCD classifier computes its W0' x: with both options (the default) the copy's
+    plain 1x1, stride-1 convolutions and linear layers become InferenceConv1x1 and InferenceLinear
     (ops/static.py), so that a static model and its DCD model compute such layers alike.
 
     It may be called inside torch.inference_mode(): the copy and the folds are made as ordinary
@@ -43,7 +44,7 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
             for conv_name, norm_name in _conv_norm_pairs(parent):
                 _fold_pair(parent, conv_name, norm_name)
         if native:
-            _pointwise_in_c(model)
+            _plain_layers_in_c(model)
     model.eval()
     for module in model.modules():
         fold = getattr(module, "fold_for_inference", None)
@@ -81,22 +82,29 @@ def calibrate_batch_norms(model: nn.Module, images: torch.Tensor) -> nn.Module:
     return model
 
 
-def _pointwise_in_c(model: nn.Module) -> None:
+def _plain_layers_in_c(model: nn.Module) -> None:
     """Replace every plain 1x1, stride-1, unpadded, ungrouped convolution inside `model` by an
-    InferenceConv1x1 that shares its parameters."""
-    from .ops import StaticConv2d
-    from .ops.static import InferenceConv1x1
+    InferenceConv1x1, and every plain linear layer by an InferenceLinear, sharing their parameters:
+    the model's own layers, not subclasses (whose forwards differ) and not the layers inside dynamic
+    operators (those with a reference_forward: their branches and routing heads)."""
+    from .ops import StaticConv2d, StaticLinear
+    from .ops.static import InferenceConv1x1, InferenceLinear
 
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if (
-                type(child) in (nn.Conv2d, StaticConv2d)  # not subclasses with other forwards
-                and child.kernel_size == (1, 1)
-                and child.stride == (1, 1)
-                and child.groups == 1
-                and child.padding in ((0, 0), "valid")
-            ):
-                parent._modules[name] = InferenceConv1x1.from_conv(child)
+    for name, child in list(model._modules.items()):
+        if child is None or callable(getattr(child, "reference_forward", None)):
+            continue
+        if (
+            type(child) in (nn.Conv2d, StaticConv2d)
+            and child.kernel_size == (1, 1)
+            and child.stride == (1, 1)
+            and child.groups == 1
+            and child.padding in ((0, 0), "valid")
+        ):
+            model._modules[name] = InferenceConv1x1.from_conv(child)
+        elif type(child) in (nn.Linear, StaticLinear):
+            model._modules[name] = InferenceLinear.from_linear(child)
+        else:
+            _plain_layers_in_c(child)
 
 
 def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ from test_ops import (
 from dcd_lightning import create_model, optimize_for_inference
 from dcd_lightning.ops import DCDConv2d, _folded, _native
 from dcd_lightning.ops._common import pool_input
-from dcd_lightning.ops.static import InferenceConv1x1
+from dcd_lightning.ops.static import InferenceConv1x1, InferenceLinear
 
 # channel fusion in one block: what the kernel covers
 NATIVE = sorted(
@@ -482,6 +482,39 @@ def test_optimize_for_inference_gives_static_1x1_layers_the_product(conv_calls: 
         assert_close_relative(loaded(x), expected, 1e-10)
     if HAS_COMPILER and _native.vector_bytes() in (32, 64):
         assert len(conv_calls) > 0
+    assert [n for n, m in optimized.named_modules() if isinstance(m, InferenceLinear)] == ["classifier.1"]
     for options in ({"native": False}, {"fold_batch_norms": False}):
         kept = optimize_for_inference(copy.deepcopy(model), **options)
-        assert not any(isinstance(m, InferenceConv1x1) for m in kept.modules())
+        assert not any(isinstance(m, (InferenceConv1x1, InferenceLinear)) for m in kept.modules())
+
+
+def test_optimize_for_inference_leaves_dynamic_operators_layers() -> None:
+    """Linear and 1x1 layers inside dynamic operators (DCD branches, CondConv routing) stay as they
+    are; the model's own plain layers are replaced."""
+    for name, own in (("mobilenetv2_x0.35_dcd", ["features.1.conv.1", "features.18.0"]), ("mobilenetv2_x0.5_condconv", [])):
+        optimized = optimize_for_inference(create_model(name).eval())
+        replaced = [n for n, m in optimized.named_modules() if isinstance(m, (InferenceConv1x1, InferenceLinear))]
+        assert replaced == own, name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_linear_equals_the_linear_layer(bias: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sample through the C matrix-vector product equals the linear layer; batches, gradients
+    and non-contiguous inputs are PyTorch's."""
+    calls = []
+    lookup = _native.linear
+    monkeypatch.setattr(_native, "linear", lambda d: (lambda *a: calls.append(a[3:5]) or lookup(d)(*a)) if lookup(d) else None)
+    linear = torch.nn.Linear(37, 29, bias=bias, dtype=dtype)
+    layer = InferenceLinear.from_linear(linear)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    x = torch.randn(3, 37, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    with torch.no_grad():
+        assert_close_relative(layer(x[:1]), linear(x[:1]), rel)
+        assert calls == ([(29, 37)] if HAS_COMPILER else [])
+        assert_close_relative(layer(x), linear(x), rel)
+        assert_close_relative(layer(x.t().contiguous().t()[:1]), linear(x[:1]), rel)
+    layer(x[:1]).sum().backward()
+    assert linear.weight.grad is not None
+    assert len(calls) == (1 if HAS_COMPILER else 0)

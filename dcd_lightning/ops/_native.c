@@ -624,6 +624,16 @@ int NAME(dcd_conv_1x1)(const T *weight, const T *bias, const T *x, long c_out, l
     return NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, bias);
 }
 
+/* A plain linear layer of one sample, out = weight x + bias (bias may be NULL): the matrix-vector
+   product dcd_one_vector makes of W0' x, given to static classifiers (ops/static.py) for the same
+   reason as dcd_conv_1x1. */
+int NAME(dcd_linear)(const T *weight, const T *bias, const T *x, long c_out, long c_in, T *out) {
+    NAME(dots)(out, weight, c_in, c_out, x, c_in);
+    if (bias)
+        for (long o = 0; o < c_out; ++o) out[o] += bias[o];
+    return 0;
+}
+
 /* Max pooling of `planes` contiguous planes of h x w, kh x kw windows at strides sh, sw, padded by
    ph, pw (at most half a window, as PyTorch requires), no dilation, outputs rounded down: out holds
    the planes of oh x ow. Each output row's window rows are first reduced into one row (vector

@@ -153,7 +153,9 @@ def _load() -> ctypes.CDLL | None:
         pool.argtypes = [pointer, *[size] * 9, pointer]
         conv = getattr(lib, "dcd_conv_1x1" + suffix)  # (weight, bias, x, c_out, c_in, pixels, out)
         conv.argtypes = [pointer, pointer, pointer, size, size, size, pointer]
-        pool.restype = conv.restype = ctypes.c_int
+        linear = getattr(lib, "dcd_linear" + suffix)  # (weight, bias, x, c_out, c_in, out)
+        linear.argtypes = [pointer, pointer, pointer, size, size, pointer]
+        pool.restype = conv.restype = linear.restype = ctypes.c_int
     lib.dcd_vector_bytes.argtypes, lib.dcd_vector_bytes.restype = [], ctypes.c_int
     lib.dcd_register_block.argtypes, lib.dcd_register_block.restype = [], ctypes.c_int
     return lib
@@ -181,6 +183,12 @@ def conv_1x1(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel's dcd_conv_1x1 for tensors of `dtype` (one sample's 1x1 convolution), or None."""
     lib = library() if dtype in SUFFIXES else None
     return None if lib is None else getattr(lib, "dcd_conv_1x1" + SUFFIXES[dtype])
+
+
+def linear(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The kernel's dcd_linear for tensors of `dtype` (one sample's linear layer), or None."""
+    lib = library() if dtype in SUFFIXES else None
+    return None if lib is None else getattr(lib, "dcd_linear" + SUFFIXES[dtype])
 
 
 def vector_bytes() -> int:

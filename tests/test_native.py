@@ -518,3 +518,28 @@ def test_inference_linear_equals_the_linear_layer(bias: bool, dtype: torch.dtype
     layer(x[:1]).sum().backward()
     assert linear.weight.grad is not None
     assert len(calls) == (1 if HAS_COMPILER else 0)
+
+
+def test_inference_layers_follow_their_weights_dtype_and_device(conv_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer planned in float32 and then converted to float64 uses the float64 product; weights
+    on another device are never handed to the C kernel (PyTorch's device error instead)."""
+    monkeypatch.setattr(_native, "vector_bytes", lambda: 64 if HAS_COMPILER else 0)
+    conv = torch.nn.Conv2d(12, 10, 1, bias=False, dtype=torch.float32)  # no bias: the weight's device alone
+    layer = InferenceConv1x1.from_conv(conv)
+    x = torch.randn(1, 12, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    with torch.no_grad():
+        assert_close_relative(layer(x), conv(x), 1e-5)
+        layer.double(), conv.double()
+        assert_close_relative(layer(x.double()), conv(x.double()), 1e-12)
+    assert len(conv_calls) == (2 if HAS_COMPILER else 0)
+    linear = InferenceLinear.from_linear(torch.nn.Linear(12, 10, bias=False))
+    layer.plans.clear()
+    unreachable = lambda dtype: pytest.fail("the C kernel was looked up for weights off the CPU")
+    monkeypatch.setattr(_native, "conv_1x1", unreachable)
+    monkeypatch.setattr(_native, "linear", unreachable)
+    for module, shape in ((layer.to("meta"), (1, 12, 5, 5)), (linear.to("meta"), (1, 12))):
+        with torch.no_grad():
+            try:
+                module(torch.randn(shape, dtype=module.weight.dtype))
+            except (RuntimeError, NotImplementedError):
+                pass  # PyTorch's own answer to mixed devices; what matters is that C never saw them

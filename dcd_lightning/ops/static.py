@@ -36,17 +36,20 @@ class StaticConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def one_cpu_sample(x: Tensor, rank: int, channels: int, dtype: torch.dtype) -> bool:
-    """True for one contiguous sample on the CPU of this rank, channel count and dtype, with no
-    gradient to record, outside torch.compile and tracing: where the C kernel's routes apply."""
+def one_cpu_sample(x: Tensor, rank: int, channels: int, weight: Tensor, bias: Tensor | None) -> bool:
+    """True for one contiguous sample of this rank and channel count, with no gradient to record,
+    outside torch.compile and tracing, where it, a contiguous weight and the bias (if any) are CPU
+    tensors of one dtype: where the C kernel's routes apply."""
     return (
         not torch.is_grad_enabled()
         and x.dim() == rank
         and x.shape[0] == 1
         and x.shape[1] == channels
-        and x.device.type == "cpu"
-        and x.dtype == dtype
+        and x.device.type == weight.device.type == "cpu"
+        and x.dtype == weight.dtype
         and x.is_contiguous()
+        and weight.is_contiguous()
+        and (bias is None or (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.is_contiguous()))
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
@@ -79,7 +82,7 @@ class InferenceConv1x1(StaticConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
-        self.plans: dict[tuple[int, int], object] = {}  # the C product, or None, per input size
+        self.plans: dict[tuple[int, int, torch.dtype], object] = {}  # the C product, or None, per input
 
     def __getstate__(self) -> dict:
         """Copies and pickles plan anew (the plans hold the C kernel's functions)."""
@@ -89,13 +92,14 @@ class InferenceConv1x1(StaticConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve `x` of shape (N, in_channels, H, W)."""
-        if one_cpu_sample(x, 4, self.in_channels, self.weight.dtype):
-            h, w = x.shape[2], x.shape[3]
-            if (h, w) in self.plans:
-                function = self.plans[h, w]
-            else:  # made at the first call with that size, for the PyTorch threads then (as DCD's plans)
-                function = self.plans[h, w] = self._plan(h, w)
-            if function is not None and self.weight.is_contiguous():
+        if one_cpu_sample(x, 4, self.in_channels, self.weight, self.bias):
+            key = (x.shape[2], x.shape[3], x.dtype)
+            if key in self.plans:
+                function = self.plans[key]
+            else:  # made at the first call with that input, for the PyTorch threads then (as DCD's plans)
+                function = self.plans[key] = self._plan(*key)
+            if function is not None:
+                h, w = key[:2]
                 out = x.new_empty(1, self.out_channels, h, w)
                 bias = None if self.bias is None else self.bias.data_ptr()
                 status = function(
@@ -106,13 +110,11 @@ class InferenceConv1x1(StaticConv2d):
                 return out
         return super().forward(x)
 
-    def _plan(self, height: int, width: int) -> object:
-        """The C product for an input of this size, or None where PyTorch's convolution runs."""
-        if not _folded.whole_in_c(self.out_channels, self.in_channels, height, width, self.weight.element_size()):
+    def _plan(self, height: int, width: int, dtype: torch.dtype) -> object:
+        """The C product for an input of this size and dtype, or None where PyTorch's convolution runs."""
+        if not _folded.whole_in_c(self.out_channels, self.in_channels, height, width, dtype.itemsize):
             return None
-        if self.bias is not None and (self.bias.dtype != self.weight.dtype or not self.bias.is_contiguous()):
-            return None
-        return _native.conv_1x1(self.weight.dtype)
+        return _native.conv_1x1(dtype)
 
 
 class StaticLinear(nn.Linear):
@@ -150,11 +152,7 @@ class InferenceLinear(StaticLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map `x` of shape (N, in_features) to (N, out_features)."""
-        if (
-            one_cpu_sample(x, 2, self.in_features, self.weight.dtype)
-            and self.weight.is_contiguous()
-            and (self.bias is None or (self.bias.dtype == x.dtype and self.bias.is_contiguous()))
-        ):
+        if one_cpu_sample(x, 2, self.in_features, self.weight, self.bias):
             function = _native.linear(x.dtype)
             if function is not None:
                 out = x.new_empty(1, self.out_features)

@@ -6,9 +6,11 @@
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round, after optimize_for_inference on both (batch norms folded into
     the convolutions before them; DCD layers' constants folded, one sample through the C kernel of
-    ops/_native.c where it builds, and the same DCD model with PyTorch calls only beside it; in
-    both models, 1x1 convolutions that a DCD layer of the same size would compute in the C kernel
-    are computed there too, and the ResNet stem's max pooling). With
+    ops/_native.c where it builds; in both models, 1x1 convolutions that a DCD layer of the same
+    size would compute in the C kernel are computed there too, as are linear layers and the ResNet
+    stem's max pooling). Beside them, the same DCD model with optimize_for_inference(native=False):
+    its DCD, 1x1 and linear layers in PyTorch calls (the stem's pooling still in C), its ratio
+    still to the static model above. With
     --reads-floor, also "static + DCD's reads": the static model reading, at each DCD layer's
     place, as many floats as that layer holds beyond the static one (12 MB for ResNet-18), with
     none of DCD's arithmetic. Where DCD's layers keep PyTorch's convolution (the ResNets), that is

@@ -93,13 +93,7 @@ def _plain_layers_in_c(model: nn.Module) -> None:
     for name, child in list(model._modules.items()):
         if child is None or callable(getattr(child, "reference_forward", None)):
             continue
-        if (
-            type(child) in (nn.Conv2d, StaticConv2d)
-            and child.kernel_size == (1, 1)
-            and child.stride == (1, 1)
-            and child.groups == 1
-            and child.padding in ((0, 0), "valid")
-        ):
+        if type(child) in (nn.Conv2d, StaticConv2d) and InferenceConv1x1.covers(child):
             model._modules[name] = InferenceConv1x1.from_conv(child)
         elif type(child) in (nn.Linear, StaticLinear):
             model._modules[name] = InferenceLinear.from_linear(child)

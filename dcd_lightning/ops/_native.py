@@ -173,22 +173,25 @@ def functions(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ...] | None:
     return tuple(getattr(lib, name + SUFFIXES[dtype]) for name in FUNCTIONS)
 
 
+def _function(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The kernel's function `name` for tensors of `dtype`, or None."""
+    lib = library() if dtype in SUFFIXES else None
+    return None if lib is None else getattr(lib, name + SUFFIXES[dtype])
+
+
 def max_pool(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel's dcd_max_pool for tensors of `dtype` (max pooling of NCHW planes), or None."""
-    lib = library() if dtype in SUFFIXES else None
-    return None if lib is None else getattr(lib, "dcd_max_pool" + SUFFIXES[dtype])
+    return _function("dcd_max_pool", dtype)
 
 
 def conv_1x1(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel's dcd_conv_1x1 for tensors of `dtype` (one sample's 1x1 convolution), or None."""
-    lib = library() if dtype in SUFFIXES else None
-    return None if lib is None else getattr(lib, "dcd_conv_1x1" + SUFFIXES[dtype])
+    return _function("dcd_conv_1x1", dtype)
 
 
 def linear(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel's dcd_linear for tensors of `dtype` (one sample's linear layer), or None."""
-    lib = library() if dtype in SUFFIXES else None
-    return None if lib is None else getattr(lib, "dcd_linear" + SUFFIXES[dtype])
+    return _function("dcd_linear", dtype)
 
 
 def vector_bytes() -> int:

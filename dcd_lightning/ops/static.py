@@ -69,11 +69,21 @@ class InferenceConv1x1(StaticConv2d):
     other layouts, tracing, torch.compile, export, no C compiler) it is StaticConv2d's forward.
     """
 
+    @staticmethod
+    def covers(conv: nn.Conv2d) -> bool:
+        """Whether `conv` is a 1x1, stride-1, unpadded, ungrouped convolution (what from_conv takes)."""
+        return (
+            conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.groups == 1
+            and conv.padding in ((0, 0), "valid")
+        )
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> InferenceConv1x1:
         """The same layer as `conv` (a 1x1, stride-1, unpadded, ungrouped convolution), its
         parameters shared."""
-        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), "valid"):
+        if not cls.covers(conv):
             raise ValueError(f"InferenceConv1x1: {conv} is not a 1x1, stride-1, unpadded, ungrouped convolution")
         layer = cls(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
         layer.weight, layer.bias = conv.weight, conv.bias

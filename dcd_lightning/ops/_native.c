@@ -280,6 +280,19 @@ static long NAME(scratch_size)(const dcd_layer *layer, long h, long w) {
 typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
 #define LANES ((long)(VEC_BYTES / sizeof(T)))
 
+/* Values of T in a 64-byte cache line */
+#define LINE ((long)(64 / sizeof(T)))
+
+/* How far ahead (in columns: two blocks of WV vectors) each block of matmul fetches the rows of
+   `base` that a later block reads. Forming a kernel, lam W0' + P t, reads W0' only there: a few
+   lines per block (6 rows x 64 bytes with AVX2's blocks), panel by panel down all the rows of W0',
+   an order the hardware's stream prefetchers do not follow. With W0' out of the caches, as it is
+   in a whole forward, each block waited on memory. Measured on an AVX2 CPU (one thread), W0'
+   evicted before each call: 96 x 24 x 576, 100-127 -> 58-59 us (55-60 with W0' in cache);
+   64 x 16 x 384, 41 -> 27 us. Whole models against the same build without it, in the same runs:
+   MobileNetV2 x1.0 in 0.976 and 0.992 of its time, x0.5 in 0.992. */
+#define BASE_AHEAD (2 * WV * LANES)
+
 /* One block of matmul: rows r0 .. r0 + nr - 1 (nr = MR, or fewer for the last rows) and wv vectors
    of columns (wv = 1 to WV) from column i0 of a b, in nr x wv vector accumulators (each row of b
    loaded once for nr rows of a), then the epilogue for the columns below n. Called with
@@ -307,6 +320,8 @@ static inline __attribute__((always_inline)) void NAME(block)(T *out, long ldo, 
         const T g = scale ? scale[o] : (T)1, s = shift ? shift[o] : (T)0;
         T *dst = out + o * ldo + i0, sums[WV * VEC_BYTES / sizeof(T)];
         const T *src = base ? base + o * ldbase + i0 : NULL;
+        if (src && i0 + BASE_AHEAD + wv * LANES <= n) /* the row's base BASE_AHEAD columns on */
+            for (long q = 0; q < wv * LANES; q += LINE) __builtin_prefetch(src + BASE_AHEAD + q);
         if (len == wv * LANES) { /* whole vectors */
             for (int q = 0; q < wv; ++q) {
                 NAME(vec) value = acc[r][q] + s;
@@ -683,6 +698,8 @@ int NAME(dcd_max_pool)(const T *x, long planes, long h, long w, long kh, long kw
 }
 
 #undef LANES
+#undef LINE
+#undef BASE_AHEAD
 #undef KC
 
 #endif

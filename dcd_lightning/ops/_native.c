@@ -104,11 +104,23 @@ typedef struct {
 
 #else /* the body, for one type T */
 
-/* sum of n contiguous values */
+/* One vector register's worth of T (VEC_BYTES), loadable from any address and allowed to alias
+   arrays of T (they are read and written through it) */
+typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
+#define LANES ((long)(VEC_BYTES / sizeof(T)))
+
+/* sum of n contiguous values, in four vector accumulators: with one, each add waits for the one
+   before it (a pooling's plane sums ran at ~8.5 G values/s on an AVX2 CPU, 17-20 with four) */
 static T NAME(sum)(const T *values, long n) {
+    NAME(vec) acc[4] = {{0}, {0}, {0}, {0}};
+    long i = 0;
+    for (; i + 4 * LANES <= n; i += 4 * LANES)
+        for (int q = 0; q < 4; ++q) acc[q] += ((const NAME(vec) *)(values + i))[q];
+    for (; i + LANES <= n; i += LANES) acc[0] += *(const NAME(vec) *)(values + i);
+    const NAME(vec) all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (long i = 0; i < n; ++i) total += values[i];
+    for (long q = 0; q < LANES; ++q) total += all[q];
+    for (; i < n; ++i) total += values[i];
     return total;
 }
 
@@ -274,11 +286,6 @@ static long NAME(scratch_size)(const dcd_layer *layer, long h, long w) {
     const long pool = layer->pool;
     return layer->c_in * pool * pool + 2 * layer->hidden + (NAME(pools_by_dots)(pool, w) ? pool * pool * h * w : w);
 }
-
-/* One vector register's worth of T (VEC_BYTES), loadable from any address and allowed to alias
-   arrays of T (they are read and written through it) */
-typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), may_alias));
-#define LANES ((long)(VEC_BYTES / sizeof(T)))
 
 /* Values of T in a 64-byte cache line */
 #define LINE ((long)(64 / sizeof(T)))

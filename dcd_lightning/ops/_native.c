@@ -110,7 +110,7 @@ typedef T NAME(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T)), m
 #define LANES ((long)(VEC_BYTES / sizeof(T)))
 
 /* sum of n contiguous values, in four vector accumulators: with one, each add waits for the one
-   before it (a pooling's plane sums ran at ~8.5 G values/s on an AVX2 CPU, 17-20 with four) */
+   before it (a pooling's plane sums ran at 8-11 G values/s on an AVX2 CPU, 11-20 with four) */
 static T NAME(sum)(const T *values, long n) {
     NAME(vec) acc[4] = {{0}, {0}, {0}, {0}};
     long i = 0;

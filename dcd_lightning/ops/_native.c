@@ -611,6 +611,16 @@ int NAME(dcd_one_sample_apply)(const dcd_layer *layer, const T *x, long h, long 
     return status;
 }
 
+/* A plain linear layer of one sample, out = weight x + bias (bias may be NULL): dcd_one_vector's
+   W0' x + b0, and (given by ops/static.py) static classifiers' too, so that a static model and its
+   DCD model compute their classifiers' static part alike (as dcd_conv_1x1 does for 1x1 layers). */
+int NAME(dcd_linear)(const T *weight, const T *bias, const T *x, long c_out, long c_in, T *out) {
+    NAME(dots)(out, weight, c_in, c_out, x, c_in);
+    if (bias)
+        for (long o = 0; o < c_out; ++o) out[o] += bias[o];
+    return 0;
+}
+
 /* A 1x1 layer on a 1x1 map (a dynamic linear layer, one sample): no kernel is formed, each term
    is a matrix-vector product,
        out = lam (W0' x + b0) + P (Phi' (Q1 x + c1)) + P c2                                      */
@@ -629,10 +639,10 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
     NAME(dots)(z, compress, c_in, latent, x, c_in);
     for (long a = 0; a < latent; ++a) z[a] += c1 ? c1[a] : 0;
     NAME(dots)(fused, phi, latent, latent, z, latent);
-    NAME(dots)(out, weight, c_in, c_out, x, c_in);  /* W0' x */
+    NAME(dcd_linear)(weight, b0, x, c_out, c_in, out); /* W0' x + b0 */
     for (long o = 0; o < c_out; ++o) {
         const T lam = n_att ? coef[o] : (T)1;
-        out[o] = lam * (out[o] + (b0 ? b0[o] : 0)) + NAME(dot)(expand + o * latent, fused, latent) + (c2 ? c2[o] : 0);
+        out[o] = lam * out[o] + NAME(dot)(expand + o * latent, fused, latent) + (c2 ? c2[o] : 0);
     }
     free(scratch);
     return 0;
@@ -644,16 +654,6 @@ int NAME(dcd_one_vector)(const dcd_layer *layer, const T *x, T *out) {
    static model and its DCD model compute such layers alike. */
 int NAME(dcd_conv_1x1)(const T *weight, const T *bias, const T *x, long c_out, long c_in, long n, T *out) {
     return NAME(matmul)(out, n, weight, c_out, c_in, x, n, n, NULL, NULL, 0, bias);
-}
-
-/* A plain linear layer of one sample, out = weight x + bias (bias may be NULL): the matrix-vector
-   product dcd_one_vector makes of W0' x, given to static classifiers (ops/static.py) for the same
-   reason as dcd_conv_1x1. */
-int NAME(dcd_linear)(const T *weight, const T *bias, const T *x, long c_out, long c_in, T *out) {
-    NAME(dots)(out, weight, c_in, c_out, x, c_in);
-    if (bias)
-        for (long o = 0; o < c_out; ++o) out[o] += bias[o];
-    return 0;
 }
 
 /* Max pooling of `planes` contiguous planes of h x w, kh x kw windows at strides sh, sw, padded by

@@ -140,7 +140,10 @@ def test_export_onnx_command(tmp_path, capsys) -> None:
 
 
 def test_export_onnx_check_fails_where_it_cannot_compare_or_the_graph_differs(tmp_path, capsys, monkeypatch) -> None:
-    # an untrained DCD ResNet overflows in eval mode: NaN logits are reported, not passed
+    # an untrained DCD ResNet overflows in eval mode: NaN logits are reported, not passed. Seeded:
+    # with the global generator's state left by other tests, about one initialisation in twelve
+    # stays finite (1e35), and the check then rightly passes
+    torch.manual_seed(0)
     out = tmp_path / "resnet.onnx"
     assert export_main(["--model", "resnet10_dcd", "--num-classes", "7", "--image-size", "48",
                         "--out", str(out), "--check"]) == 1

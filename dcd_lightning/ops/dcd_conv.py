@@ -422,9 +422,20 @@ class DCDConv2d(nn.Module):
         return torch.addcmul(residual, out, lam.view(n, -1, 1, 1))
 
     def _project_latent(self, x: Tensor) -> Tensor:
-        """Q^T x for each block: (N, B * L, H_out, W_out), a strided grouped 1x1 convolution."""
-        q = self.compress.view(self.num_blocks * self.latent_dim, -1, 1, 1)
-        return F.conv2d(x, q, stride=self.stride, groups=self.num_blocks)
+        """Q^T x for each block: (N, B * L, H_out, W_out), a strided grouped 1x1 convolution.
+
+        On the CPU an unstrided NCHW x is projected by one batched matrix product instead. oneDNN's
+        1x1 convolution with so few output channels (L, 8 in MobileNetV2 x0.5's wide layers) was
+        the slower there, forward and backward: MobileNetV2 x0.5's training step at batch 32, DCD /
+        static 1.15-1.20 -> 1.10-1.14, paired in the same rounds (docs/benchmarks.md).
+        """
+        blocks, latent = self.num_blocks, self.latent_dim
+        if self.stride == 1 and x.device.type == "cpu" and x.is_contiguous():
+            n, c, h, w = x.shape
+            q = self.compress.view(blocks, latent, c // blocks)
+            return torch.matmul(q, x.view(n, blocks, c // blocks, h * w)).view(n, blocks * latent, h, w)
+        q = self.compress.view(blocks * latent, -1, 1, 1)
+        return F.conv2d(x, q, stride=self.stride, groups=blocks)
 
     def _residual_channel(self, x: Tensor, phi: Tensor) -> Tensor:
         """P Phi Q^T applied to the activations: Q (1x1, strided), Phi (batched matmul), P (1x1),
@@ -482,8 +493,8 @@ class DCDConv2d(nn.Module):
     def _latent_affines_reference(self, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(A1, c1, A2, c2) as (B, L) each, read off the latent activations the residual produces."""
         n, blocks, latent = x.shape[0], self.num_blocks, self.latent_dim
-        z = self._project_latent(x)
-        z = z.flatten(2)
+        q = self.compress.view(blocks * latent, -1, 1, 1)  # Q^T x as a convolution, not _project_latent
+        z = F.conv2d(x, q, stride=self.stride, groups=blocks).flatten(2)
         scale1, shift1 = batch_norm_affine(z, self.latent_norm_in, (0, 2))
         z1 = z * scale1[:, None] + shift1[:, None]
         fused = torch.matmul(phi, z1.view(n, blocks, latent, -1)).view(n, blocks * latent, -1)

@@ -178,9 +178,13 @@ def pool_input(x: Tensor, pool_size: int) -> Tensor:
     larger than 1x1 is one matrix product with a (H W, pool_size^2) averaging matrix: exact,
     exportable to ONNX (whose adaptive pooling needs equal cells), and on the CPU 2-7x faster
     than a reshaped mean, whose reduction over two strided dimensions runs in short rows.
+
+    The 1x1 grid is a sum scaled afterwards rather than x.mean: mean's gradient is a division
+    written out at x's full size, the sum's a broadcast view that autograd adds into x's gradient
+    (on the CPU, a 32 x 96 x 56 x 56 input's backward 85-100 -> 62-75 ms in a loop).
     """
     if pool_size == 1:
-        return x.mean(dim=(2, 3))
+        return x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
     n, _, h, w = x.shape
     matrix = pooling_matrix(h, w, pool_size, x.dtype, x.device)
     pixels = x.flatten(2)  # a view in both memory formats

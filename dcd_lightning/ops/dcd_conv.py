@@ -424,10 +424,10 @@ class DCDConv2d(nn.Module):
     def _project_latent(self, x: Tensor) -> Tensor:
         """Q^T x for each block: (N, B * L, H_out, W_out), a strided grouped 1x1 convolution.
 
-        On the CPU an unstrided NCHW x is projected by one batched matrix product instead. oneDNN's
-        1x1 convolution with so few output channels (L, 8 in MobileNetV2 x0.5's wide layers) was
-        the slower there, forward and backward: MobileNetV2 x0.5's training step at batch 32, DCD /
-        static 1.15-1.20 -> 1.10-1.14, paired in the same rounds (docs/benchmarks.md).
+        On the CPU an unstrided NCHW x is projected by one batched matrix product instead: there,
+        oneDNN's 1x1 convolution with so few output channels (L, 8 in MobileNetV2 x0.5's wide
+        layers) was slower, forward and backward. MobileNetV2 x0.5's training step at batch 32,
+        DCD / static: 1.14-1.20 -> 1.06-1.14, paired in the same rounds (docs/benchmarks.md).
         """
         blocks, latent = self.num_blocks, self.latent_dim
         if self.stride == 1 and x.device.type == "cpu" and x.is_contiguous():

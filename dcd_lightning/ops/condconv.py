@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._common import pool_input
 from ._mixture import MixtureConv2d, MixtureLinearMixin
 
 
@@ -34,7 +35,7 @@ class CondConv2d(MixtureConv2d):
 
     def mixture_weights(self, x: Tensor) -> Tensor:
         """Routing weights sigmoid(FC(GAP(x))), shape (N, K)."""
-        return torch.sigmoid(self.routing(x.mean(dim=(2, 3))))
+        return torch.sigmoid(self.routing(pool_input(x, 1)))
 
 
 class CondLinear(MixtureLinearMixin, CondConv2d):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import check_int, check_positive
+from ._common import check_int, check_positive, pool_input
 from ._mixture import MixtureConv2d, MixtureLinearMixin
 
 
@@ -51,7 +51,7 @@ class DyConv2d(MixtureConv2d):
 
     def attention(self, x: Tensor) -> Tensor:
         """Attention over the K kernels, softmax(FC(ReLU(FC(GAP(x)))) / tau), shape (N, K)."""
-        hidden = torch.relu(self.attention_fc1(x.mean(dim=(2, 3))))
+        hidden = torch.relu(self.attention_fc1(pool_input(x, 1)))
         return torch.softmax(self.attention_fc2(hidden) / self.temperature, dim=1)
 
     def mixture_weights(self, x: Tensor) -> Tensor:

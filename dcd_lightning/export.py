@@ -43,8 +43,15 @@ ROUNDING_FACTOR = 10.0
 
 def export_onnx(model: nn.Module, image_size: int = 224, path: str | Path | None = None, opset: int = 17) -> bytes:
     """Export `model` (in eval mode) to ONNX with input "images" (N, 3, S, S) and output "logits"
-    (N, classes), N dynamic; writes `path` if given and returns the serialised model."""
-    model = model.eval()
+    (N, classes), N dynamic; writes `path` if given and returns the serialised model.
+
+    What is exported is optimize_for_inference's copy of the model (without the C kernel, which a
+    graph cannot hold): batch norms folded into the convolutions before them, and each DCD layer's
+    eval-mode constants folded, so a DCD layer is its branch, one head and the residual's few
+    products. `model` itself is left as it was."""
+    from .inference import optimize_for_inference
+
+    model = optimize_for_inference(model.eval(), native=False)
     example = torch.randn(BATCH_TRACED, 3, image_size, image_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

@@ -4,6 +4,7 @@ channels_last and bf16 autocast, for the registry's models and the dynamic opera
 from __future__ import annotations
 
 import multiprocessing
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -137,6 +138,20 @@ def test_export_onnx_command(tmp_path, capsys) -> None:
     assert out.stat().st_size > 1e6 and "N dynamic" in printed
     assert "onnxruntime vs PyTorch at batch 3" in printed and "PyTorch float32 vs float64" in printed
     assert printed.rstrip().endswith(": ok")
+
+
+def test_exported_graph_is_the_folded_model_with_constant_sizes() -> None:
+    """export_onnx exports optimize_for_inference's copy: no batch norm is left in a DCD MobileNetV2's
+    graph, and no size is read off a tensor at run time (no Shape node: only the batch is dynamic,
+    by -1 in constant shapes); the model given is left as it was, unfolded."""
+    import onnx
+
+    model = calibrated("mobilenetv2_x0.35_dcd")
+    graph = onnx.load_from_string(export_onnx(model, SIZE)).graph
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["Shape"] == 0 and ops["BatchNormalization"] == 0 and ops["MatMul"] > 0, ops
+    assert all(getattr(module, "_folded", None) is None for module in model.modules())
+    assert sum(isinstance(module, nn.BatchNorm2d) for module in model.modules()) == 52
 
 
 def test_export_onnx_check_fails_where_it_cannot_compare_or_the_graph_differs(tmp_path, capsys, monkeypatch) -> None:

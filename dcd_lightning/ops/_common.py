@@ -171,6 +171,18 @@ def exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
+def reshape_dims(x: Tensor) -> tuple[int, ...]:
+    """x.shape, for the sizes of reshapes and views: as it is, except while jit.trace records a graph
+    (the TorchScript ONNX exporter), where the batch is -1 and every other size a Python constant.
+    A traced graph then reshapes by one constant shape, where sizes read off tensors become a chain
+    of Shape, Gather, Unsqueeze and Concat nodes per view (most of an exported DCD layer's nodes).
+    Its batch stays dynamic and its other sizes fixed, as export_onnx declares the images (a
+    pooling grid larger than 1x1 fixes them anyway). Use at most one -1 per view: the batch's."""
+    if torch.jit.is_tracing():
+        return (-1, *(int(size) for size in x.shape[1:]))
+    return tuple(x.shape)
+
+
 def pool_input(x: Tensor, pool_size: int) -> Tensor:
     """Average-pool `x` (N, C, H, W) to pool_size x pool_size and flatten to (N, C * pool_size^2).
 
@@ -183,14 +195,14 @@ def pool_input(x: Tensor, pool_size: int) -> Tensor:
     written out at x's full size, the sum's a broadcast view that autograd adds into x's gradient
     (on the CPU, a 32 x 96 x 56 x 56 input's backward 85-100 -> 62-75 ms in a loop).
     """
+    n, c, h, w = reshape_dims(x)
     if pool_size == 1:
-        return x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
-    n, _, h, w = x.shape
+        return x.sum(dim=(2, 3)) * (1.0 / (h * w))
     matrix = pooling_matrix(h, w, pool_size, x.dtype, x.device)
-    pixels = x.flatten(2)  # a view in both memory formats
+    pixels = x.reshape(n, c, h * w)  # a view in both memory formats
     if channels_last(x):  # pool (N, H W, C) from the left, no copy of x
-        return torch.matmul(matrix.t(), pixels.transpose(1, 2)).transpose(1, 2).reshape(n, -1)
-    return torch.matmul(pixels, matrix).view(n, -1)
+        return torch.matmul(matrix.t(), pixels.transpose(1, 2)).transpose(1, 2).reshape(n, c * pool_size**2)
+    return torch.matmul(pixels, matrix).view(n, c * pool_size**2)
 
 
 def channels_last(x: Tensor) -> bool:
@@ -213,22 +225,31 @@ def apply_sample_kernels(kernels: Tensor, x: Tensor, bias: Tensor | None = None)
     Channels-last x is multiplied as (N, H W, C_in) rows from the right, which gives a channels-last
     output without copying x (on a GPU the following batch norm then takes its channels-last kernels).
     """
-    n, c_in, h, w = x.shape
+    n, c_in, h, w = reshape_dims(x)
+    c_out = reshape_dims(kernels)[1]
     if channels_last(x):
-        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c_in)
-        right = kernels.transpose(1, 2)
-        out = torch.bmm(rows, right) if bias is None else torch.baddbmm(bias[:, None, :], rows, right)
-        return out.view(n, h, w, -1).permute(0, 3, 1, 2)
-    flat = x.reshape(n, c_in, h * w)
-    out = torch.bmm(kernels, flat) if bias is None else torch.baddbmm(bias[:, :, None], kernels, flat)
-    return out.view(n, -1, h, w)
+        out = product_plus(x.permute(0, 2, 3, 1).reshape(n, h * w, c_in), kernels.transpose(1, 2), bias, 1)
+        return out.view(n, h, w, c_out).permute(0, 3, 1, 2)
+    return product_plus(kernels, x.reshape(n, c_in, h * w), bias, 2).view(n, c_out, h, w)
+
+
+def product_plus(left: Tensor, right: Tensor, bias: Tensor | None, axis: int) -> Tensor:
+    """left @ right (batched) plus bias (N, C) broadcast along `axis` (1 or 2) of the product. A
+    recorded graph adds the bias after the product: baddbmm exports as the product and the bias
+    each multiplied by a factor 1, two more passes over the output in onnxruntime."""
+    if bias is None:
+        return torch.bmm(left, right)
+    bias = bias.unsqueeze(axis)
+    if torch.jit.is_tracing():
+        return torch.bmm(left, right) + bias
+    return torch.baddbmm(bias, left, right)
 
 
 def mix_latent(phi: Tensor, z: Tensor) -> Tensor:
     """Phi z for z (N, B L, H, W) and phi (N, B, L, L): each sample's and block's L x L matrix applied
     over that block's channels, the output in z's memory format (as apply_sample_kernels)."""
-    n, blocks, latent = phi.shape[:3]
-    h, w = z.shape[-2:]
+    n, blocks, latent = reshape_dims(phi)[:3]
+    h, w = reshape_dims(z)[-2:]
     if channels_last(z):
         rows = z.permute(0, 2, 3, 1).reshape(n, h * w, blocks, latent).transpose(1, 2)  # a view
         out = torch.matmul(rows, phi.transpose(2, 3))  # (N, B, H W, L); a copy back below if B > 1

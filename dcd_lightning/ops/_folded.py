@@ -37,13 +37,14 @@ from ._common import (
     output_size,
     pool_input,
     pooling_matrix,
+    reshape_dims,
     running_affine,
 )
 
 
 def place_blocks(blocks_kernel: Tensor, out_channels: int, in_channels: int) -> Tensor:
     """(N, B, C_out/B, C_in/B) diagonal blocks -> (N, C_out, C_in) block-diagonal kernels."""
-    n, blocks = blocks_kernel.shape[:2]
+    n, blocks = reshape_dims(blocks_kernel)[:2]
     if blocks == 1:
         return blocks_kernel.reshape(n, out_channels, in_channels)
     # block b of the output rows meets block b of the input columns only: a product with the
@@ -106,13 +107,6 @@ def whole_in_c(out_channels: int, in_channels: int, height: int, width: int, ele
         madds * max(torch.get_num_threads(), 2) <= 2 * WHOLE_MADDS
         and out_channels * in_channels * padding <= WHOLE_WASTE_MADDS
     )
-
-
-def tracing() -> bool:
-    """True while jit.trace records a graph (also the TorchScript ONNX exporter): the one-sample
-    paths give way there (a call into C would be recorded as a constant, and a graph must serve any
-    batch size). Under torch.compile and torch.export, DCDConv2d.forward does not use the fold."""
-    return torch.jit.is_tracing()
 
 
 def layer_tensors(layer: nn.Module) -> list[Tensor]:
@@ -246,7 +240,7 @@ class FoldedDCD:
             heads.append(fusion_weight)
             head_bias.append(phi_bias)
             self.expand = layer.expand.view(blocks, rows, latent).clone()
-            self.compress = compress.contiguous()
+            self.compress = compress.detach().contiguous()  # without norms, a view of the parameter
         # the squeeze-and-excitation gate is 2 x hard sigmoid; its 2 goes into the heads (linear in h)
         self.fc_weight = branch.fc.weight.clone()
         self.se_weight = None if branch.se is None else branch.se.weight.clone()
@@ -279,11 +273,12 @@ class FoldedDCD:
         return F.linear(hidden, self.head_weight, self.head_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        # one sample takes its own paths, except in a recorded graph, which must hold PyTorch calls
-        # (not the C kernel's result) and work at any batch size. The C kernel's case never gets
-        # here: DCDConv2d.forward, this method's only caller, sends it to one_sample_native itself
-        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion and not tracing():
+        # one sample takes its own paths, except in a recorded graph (jit.trace, the ONNX
+        # exporter), which must work at any batch size: there n is -1 (reshape_dims). The C
+        # kernel's case never gets here: DCDConv2d.forward, this method's only caller, sends it to
+        # one_sample_native itself
+        n = reshape_dims(x)[0]
+        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
             h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if self.route(h_out, w_out):
                 return self._one_sample_1x1(x)
@@ -429,24 +424,24 @@ class FoldedDCD:
             bias = self.expand_bias if bias is None else bias + self.expand_bias
         return F.conv2d(x, kernel.view(c_out, c_in, 1, 1), bias, self.stride)
 
-    def _static_bias(self, lam: Tensor | None, n: int) -> Tensor | None:
+    def _static_bias(self, lam: Tensor | None) -> Tensor | None:
+        """The static bias, scaled by each sample's lam: (N, C_out), or (1, C_out) without lam."""
         if self.bias is None:
             return None
-        return self.bias.expand(n, -1) if lam is None else lam * self.bias
+        return self.bias[None] if lam is None else lam * self.bias
 
     def _by_kernel(self, x: Tensor, lam: Tensor | None, phi: Tensor) -> Tensor:
-        n, c_out, c_in = x.shape[0], self.out_channels, self.in_channels
+        n, c_out, c_in = reshape_dims(x)[0], self.out_channels, self.in_channels
         mixed = torch.matmul(self.expand, phi)  # P Phi': (N, B, C_out/B, L)
         residual = place_blocks(torch.matmul(mixed, self.compress), c_out, c_in)
-        bias = self._static_bias(lam, n)
+        bias = self._static_bias(lam)  # (N or 1, C_out); every use below broadcasts
         if self.latent_bias is not None:
             latent_bias = torch.matmul(mixed, self.latent_bias[:, :, None]).view(n, c_out) + self.expand_bias
             bias = latent_bias if bias is None else bias + latent_bias
         elif self.expand_bias is not None:
-            shift = self.expand_bias.expand(n, -1)
-            bias = shift if bias is None else bias + shift
+            bias = self.expand_bias[None] if bias is None else bias + self.expand_bias
         k = self.kernel_size
-        if n == 1 and not tracing():  # one sample: a plain convolution with its kernel
+        if n == 1:  # one sample: a plain convolution with its kernel
             if k == 1:
                 static = self.weight.view(c_out, c_in)
                 kernel = torch.addcmul(residual[0], static, lam.view(c_out, 1)) if lam is not None else residual[0] + static
@@ -465,7 +460,7 @@ class FoldedDCD:
         return res + out if lam is None else torch.addcmul(res, out, lam.view(n, c_out, 1, 1))
 
     def _by_activations(self, x: Tensor, lam: Tensor | None, phi: Tensor) -> Tensor:
-        n, blocks, latent = x.shape[0], self.blocks, self.latent
+        n, blocks, latent = reshape_dims(x)[0], self.blocks, self.latent
         q = self.compress.view(blocks * latent, -1, 1, 1)
         c1 = None if self.latent_bias is None else self.latent_bias.reshape(-1)
         z = F.conv2d(x, q, c1, self.stride, groups=blocks)
@@ -475,4 +470,4 @@ class FoldedDCD:
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
         if lam is None:
             return out + residual
-        return torch.addcmul(residual, out, lam.view(n, -1, 1, 1))
+        return torch.addcmul(residual, out, lam.view(n, self.out_channels, 1, 1))

@@ -17,6 +17,7 @@ from ._common import (
     linear_madds,
     output_size,
     per_sample_conv,
+    reshape_dims,
 )
 
 
@@ -140,7 +141,7 @@ class MixtureConv2d(nn.Module):
         return in_layout_of(out.view(n, self.out_channels, out.shape[-2], out.shape[-1]), x)
 
     def _forward_output_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
-        n, groups, k = x.shape[0], self.groups, self.num_kernels
+        n, groups, k = reshape_dims(x)[0], self.groups, self.num_kernels
         per_group = self.out_channels // groups
         # Order the stacked kernels (group, kernel, channel) so each group reads its own inputs.
         stacked = self.weight.view(k, groups, per_group, *self.weight.shape[1:]).transpose(0, 1)
@@ -148,7 +149,7 @@ class MixtureConv2d(nn.Module):
             x, stacked.reshape(groups * k * per_group, *self.weight.shape[1:]), None,
             self.stride, self.padding, groups=groups,
         )
-        h, w = out.shape[-2:]
+        h, w = reshape_dims(out)[-2:]
         out = torch.einsum("ngkohw,nk->ngohw", out.view(n, groups, k, per_group, h, w), weights)
         out = out.reshape(n, self.out_channels, h, w)
         if self.bias is not None:

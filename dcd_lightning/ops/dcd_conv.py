@@ -31,6 +31,7 @@ from ._common import (
     output_size,
     per_sample_conv,
     pool_input,
+    reshape_dims,
     running_affine,
     scale_latent,
 )
@@ -247,7 +248,7 @@ class DCDConv2d(nn.Module):
         """Lambda(x) as (N, C_out) and Phi(x) as (N, B, L, L) or, for joint fusion, (N, L, L, L_k)."""
         lam, phi = self.branch(pool_input(x, self.pool_size))
         if phi is not None:
-            n, size = x.shape[0], self.latent_dim
+            n, size = reshape_dims(x)[0], self.latent_dim
             if self.fusion == "joint":
                 phi = phi.view(n, size, size, self.kernel_latent_dim)
             else:
@@ -403,14 +404,14 @@ class DCDConv2d(nn.Module):
 
     def _forward_plain(self, x: Tensor) -> Tensor:
         lam, phi = self.coefficients(x)
-        n = x.shape[0]
+        n = reshape_dims(x)[0]
         h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
         use_kernel = phi is not None and self._takes_kernel_route(x, h_out, w_out)
         if use_kernel and self.kernel_size == 1:
             return self._forward_merged_1x1(x, lam, phi)
         out = F.conv2d(x, self.static_kernel(), self.bias, self.stride, self.padding)
         if phi is None:
-            return out * lam.view(n, -1, 1, 1)
+            return out * lam.view(n, self.out_channels, 1, 1)
         if use_kernel:
             residual = self._residual_by_kernel(x, phi)
         elif self.fusion == "joint":
@@ -419,7 +420,7 @@ class DCDConv2d(nn.Module):
             residual = self._residual_channel(x, phi)
         if lam is None:
             return out + residual
-        return torch.addcmul(residual, out, lam.view(n, -1, 1, 1))
+        return torch.addcmul(residual, out, lam.view(n, self.out_channels, 1, 1))
 
     def _project_latent(self, x: Tensor) -> Tensor:
         """Q^T x for each block: (N, B * L, H_out, W_out), a strided grouped 1x1 convolution.
@@ -431,7 +432,7 @@ class DCDConv2d(nn.Module):
         """
         blocks, latent = self.num_blocks, self.latent_dim
         if self.stride == 1 and x.device.type == "cpu" and x.is_contiguous():
-            n, c, h, w = x.shape
+            n, c, h, w = reshape_dims(x)
             q = self.compress.view(blocks, latent, c // blocks)
             return torch.matmul(q, x.view(n, blocks, c // blocks, h * w)).view(n, blocks * latent, h, w)
         q = self.compress.view(blocks * latent, -1, 1, 1)
@@ -451,7 +452,7 @@ class DCDConv2d(nn.Module):
 
     def _residual_joint(self, x: Tensor, phi: Tensor) -> Tensor:
         """Phi x_1 Q x_2 P x_3 R applied to the activations (Eq. 9), no k x k kernel per sample."""
-        n, latent, kl, k = x.shape[0], self.latent_dim, self.kernel_latent_dim, self.kernel_size
+        n, latent, kl, k = reshape_dims(x)[0], self.latent_dim, self.kernel_latent_dim, self.kernel_size
         z = F.conv2d(x, self.compress.view(latent, self.in_channels, 1, 1))
         basis = self.kernel_basis.t().reshape(kl, 1, k, k).repeat(latent, 1, 1, 1)
         u = F.conv2d(z, basis, stride=self.stride, padding=self.padding, groups=latent)

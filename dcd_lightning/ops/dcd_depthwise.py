@@ -23,6 +23,7 @@ from ._common import (
     output_size,
     per_sample_conv,
     pool_input,
+    reshape_dims,
     scale_latent,
 )
 
@@ -135,7 +136,7 @@ class DCDDepthwiseConv2d(nn.Module):
         """Lambda(x) as (N, C) and Phi(x) as (N, L_k, L_k)."""
         lam, phi = self.branch(pool_input(x, self.pool_size))
         if phi is not None:
-            phi = phi.view(x.shape[0], self.kernel_latent_dim, self.kernel_latent_dim)
+            phi = phi.view(reshape_dims(x)[0], self.kernel_latent_dim, self.kernel_latent_dim)
         return lam, phi
 
     def _residual_coefficients(self, phi: Tensor) -> Tensor:
@@ -191,7 +192,7 @@ class DCDDepthwiseConv2d(nn.Module):
         """Static depthwise conv plus R's basis kernels applied to every channel, then mixed
         (no per-sample kernels, so no batch-dependent groups: also the route used for export)."""
         lam, phi = self.coefficients(x)
-        n, c = x.shape[0], self.in_channels  # the module's constant: a traced graph keeps static shapes
+        n, c = reshape_dims(x)[0], self.in_channels
         k, kl = self.kernel_size, self.kernel_latent_dim
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, groups=c)
         if lam is not None:
@@ -200,7 +201,7 @@ class DCDDepthwiseConv2d(nn.Module):
             return out
         basis = self.kernel_basis.t().reshape(kl, 1, k, k).repeat(c, 1, 1, 1)
         u = F.conv2d(x, basis, stride=self.stride, padding=self.padding, groups=c)
-        u = u.reshape(n, c, kl, out.shape[-2], out.shape[-1])
+        u = u.reshape(n, c, kl, *reshape_dims(out)[-2:])
         mix = self._residual_coefficients(phi)
         return out + (u * mix[:, :, :, None, None]).sum(dim=2)
 

@@ -48,13 +48,15 @@ def export_onnx(model: nn.Module, image_size: int = 224, path: str | Path | None
     What is exported is optimize_for_inference's copy of the model (without the C kernel, which a
     graph cannot hold): batch norms folded into the convolutions before them, and each DCD layer's
     eval-mode constants folded, so a DCD layer is its branch, one head and the residual's few
-    products. `model` itself is left as it was."""
+    products; every size but the batch is a constant in the graph (ops._common.reshape_dims).
+    `model` itself is left as it was."""
     from .inference import optimize_for_inference
+    from .ops._common import constant_sizes
 
     model = optimize_for_inference(model.eval(), native=False)
     example = torch.randn(BATCH_TRACED, 3, image_size, image_size)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), constant_sizes():
         warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic and Python scalars
         torch.onnx.export(
             model, (example,), buffer, dynamo=False, opset_version=opset,

@@ -3,7 +3,9 @@ channels_last and bf16 autocast, for the registry's models and the dynamic opera
 
 from __future__ import annotations
 
+import io
 import multiprocessing
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
@@ -152,6 +154,25 @@ def test_exported_graph_is_the_folded_model_with_constant_sizes() -> None:
     assert ops["Shape"] == 0 and ops["BatchNormalization"] == 0 and ops["MatMul"] > 0, ops
     assert all(getattr(module, "_folded", None) is None for module in model.modules())
     assert sum(isinstance(module, nn.BatchNorm2d) for module in model.modules()) == 52
+
+
+def test_own_onnx_export_keeps_sizes_read_off_tensors() -> None:
+    """Constant sizes are export_onnx's alone: a user's torch.onnx.export of a dynamic operator with
+    dynamic image sizes still runs at another size (DY-Conv, depthwise DCD)."""
+    import onnxruntime
+
+    for op in (DyConv2d(8, 16, 3), DCDDepthwiseConv2d(8, 8, 3, 1, 8)):
+        op.eval()
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(op, (torch.randn(2, 8, 12, 12),), buffer, dynamo=False, input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+        session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        x = torch.randn(3, 8, 9, 7)
+        (y,) = session.run(["y"], {"x": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), op(x), rtol=1e-4, atol=1e-5)
 
 
 def test_export_onnx_check_fails_where_it_cannot_compare_or_the_graph_differs(tmp_path, capsys, monkeypatch) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -171,14 +173,29 @@ def exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
+_CONSTANT_SIZES = [False]
+
+
+@contextlib.contextmanager
+def constant_sizes() -> Iterator[None]:
+    """Within this context (export_onnx's trace, whose graph declares only the batch dynamic),
+    reshape_dims gives a recorded graph constant sizes."""
+    _CONSTANT_SIZES[0] = True
+    try:
+        yield
+    finally:
+        _CONSTANT_SIZES[0] = False
+
+
 def reshape_dims(x: Tensor) -> tuple[int, ...]:
     """x.shape, for the sizes of reshapes and views: as it is, except while jit.trace records a graph
-    (the TorchScript ONNX exporter), where the batch is -1 and every other size a Python constant.
-    A traced graph then reshapes by one constant shape, where sizes read off tensors become a chain
-    of Shape, Gather, Unsqueeze and Concat nodes per view (most of an exported DCD layer's nodes).
-    Its batch stays dynamic and its other sizes fixed, as export_onnx declares the images (a
-    pooling grid larger than 1x1 fixes them anyway). Use at most one -1 per view: the batch's."""
-    if torch.jit.is_tracing():
+    inside constant_sizes(), where the batch is -1 and every other size a Python constant. The graph
+    then reshapes by one constant shape, where sizes read off tensors become a chain of Shape,
+    Gather, Unsqueeze and Concat nodes per view (most of an exported DCD layer's nodes); its batch
+    stays dynamic, its other sizes fixed. Other traces (a user's jit.trace or torch.onnx.export,
+    perhaps with other dynamic axes) keep the sizes read off tensors. Use at most one -1 per view:
+    the batch's."""
+    if _CONSTANT_SIZES[0] and torch.jit.is_tracing():
         return (-1, *(int(size) for size in x.shape[1:]))
     return tuple(x.shape)
 

@@ -274,11 +274,12 @@ class FoldedDCD:
 
     def forward(self, x: Tensor) -> Tensor:
         # one sample takes its own paths, except in a recorded graph (jit.trace, the ONNX
-        # exporter), which must work at any batch size: there n is -1 (reshape_dims). The C
-        # kernel's case never gets here: DCDConv2d.forward, this method's only caller, sends it to
-        # one_sample_native itself
+        # exporter), which must work at any batch size (in export_onnx's, n is -1: reshape_dims).
+        # The C kernel's case never gets here: DCDConv2d.forward, this method's only caller, sends
+        # it to one_sample_native itself
         n = reshape_dims(x)[0]
-        if n == 1 and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
+        one = n == 1 and not torch.jit.is_tracing()
+        if one and self.kernel_size == 1 and self.blocks == 1 and self.fusion:
             h_out, w_out = output_size(x.shape[2], x.shape[3], self.stride)
             if self.route(h_out, w_out):
                 return self._one_sample_1x1(x)
@@ -441,7 +442,7 @@ class FoldedDCD:
         elif self.expand_bias is not None:
             bias = self.expand_bias[None] if bias is None else bias + self.expand_bias
         k = self.kernel_size
-        if n == 1:  # one sample: a plain convolution with its kernel
+        if n == 1 and not torch.jit.is_tracing():  # one sample: a plain convolution with its kernel
             if k == 1:
                 static = self.weight.view(c_out, c_in)
                 kernel = torch.addcmul(residual[0], static, lam.view(c_out, 1)) if lam is not None else residual[0] + static

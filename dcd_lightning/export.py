@@ -3,8 +3,10 @@
     python -m dcd_lightning export-onnx --model mobilenetv2_x0.5_dcd --out model.onnx
     python -m dcd_lightning export-onnx --config configs/quickstart.yaml --checkpoint runs/.../last.ckpt --out m.onnx
 
-The model is traced at batch 2 (so no route meant for one sample is baked in) and, with --check,
-run by onnxruntime at batch 3 against PyTorch: the command fails (exit status 1) where the largest
+The model's optimize_for_inference copy (batch norms and DCD constants folded, no C kernel) is
+traced at batch 2 (so no route meant for one sample is baked in), with every size but the batch a
+constant in the graph. With --check, onnxruntime runs it at batch 3 against the model as given in
+PyTorch: the command fails (exit status 1) where the largest
 difference of the logits exceeds both --tolerance times PyTorch's largest |logit| and ten times what
 float32 rounding alone does to the model's logits (against a float64 copy), or where PyTorch's own
 logits are not finite (nothing to compare: an untrained DCD ResNet in eval mode overflows).

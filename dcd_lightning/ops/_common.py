@@ -90,14 +90,19 @@ def scale_latent(base: int, latent_mult: float) -> int:
 
 def hard_sigmoid(x: Tensor) -> Tensor:
     """relu6(x + 3) / 6, exact in float64 on every device (F.hardsigmoid's CUDA kernel multiplies by a
-    float32 1/6 in every dtype: a relative error of ~4e-8 in float64)."""
+    float32 1/6 in every dtype: a relative error of ~4e-8 in float64). While jit.trace records (the
+    ONNX exporter), F.hardsigmoid: one HardSigmoid node instead of an Add, a Clip and a Div with
+    their constants (MobileNetV2 x0.5 DCD at 224x224: 2190 -> 1794 nodes; in onnxruntime at batch 1,
+    0.95-0.96 of the time; x1.0 0.98; ResNet-18 unchanged)."""
+    if torch.jit.is_tracing():
+        return F.hardsigmoid(x)
     return F.relu6(x + 3.0) / 6.0
 
 
 def gate(logits: Tensor, kind: Gate) -> Tensor:
     """Channel-attention gate with range (0, 2) that is 1 at zero logits, so Lambda starts at I."""
     if kind == "hard_sigmoid":
-        return F.relu6(logits + 3.0) / 3.0
+        return 2.0 * hard_sigmoid(logits) if torch.jit.is_tracing() else F.relu6(logits + 3.0) / 3.0
     return 2.0 * torch.sigmoid(logits)
 
 

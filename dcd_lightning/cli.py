@@ -40,6 +40,9 @@ Tools:
 Run `python -m dcd_lightning COMMAND --help` for a command's options.
 """
 
+# the exit status of a run stopped by SIGTERM (last.ckpt saved): 128 + the signal's number, as a shell reports
+SIGTERM_STATUS = 143
+
 # operator options that name an ablation: they become W&B tags
 ABLATION_KEYS = ("latent_mult", "num_blocks", "channel_attention", "channel_fusion", "fusion", "num_kernels",
                  "num_experts", "layout", "reduction", "fc_squeeze")
@@ -108,18 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in TOOLS:
         return _tool(argv[0])(argv[1:])
     from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .lightning_cli import DCDLightningCLI, DCDSaveConfig
 
-    DCDLightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=None if from_command_line else argv,
-        save_config_callback=DCDSaveConfig,
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        DCDLightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=None if from_command_line else argv,
+            save_config_callback=DCDSaveConfig,
+            save_config_kwargs={"overwrite": True},
+        )
+    except SIGTERMException:
+        # Lightning stops a run on SIGTERM with a SystemExit that carries no code, which exits 0; a
+        # scheduler or a `fit && next` script would take the interrupted run for a finished one.
+        _close_process_group()
+        return SIGTERM_STATUS
     _close_process_group()
     return 0
 

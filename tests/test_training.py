@@ -17,7 +17,7 @@ from conftest import tiny_imagenet_args, write_image_folder
 
 from dcd_lightning.callbacks import TemperatureSchedule
 from dcd_lightning.classifier import ImageClassifier, mix_batch
-from dcd_lightning.cli import describe_run, main
+from dcd_lightning.cli import SIGTERM_STATUS, describe_run, main
 from dcd_lightning.loggers import wandb_can_sync
 from dcd_lightning.models import create_model
 from dcd_lightning.paper_configs import config_files
@@ -146,6 +146,7 @@ def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     finally:
         process.kill()
     assert "SIGTERMException: saved the last completed step" in output
+    assert process.returncode == SIGTERM_STATUS, f"a run stopped by SIGTERM exited {process.returncode}"
     stopped = torch.load(last, weights_only=False)
     assert stopped["global_step"] >= steps  # at least the first epoch is kept
     fit("--config", QUICKSTART, *QUIET, *short, f"--trainer.max_epochs={stopped['epoch'] + 2}",

@@ -41,11 +41,15 @@ class Trial:
         return [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.values.items()]
 
 
-def load_sweep(path: str | Path) -> dict[str, Any]:
-    """Read and check a sweep file; ValueError naming the problem."""
+def load_sweep(path: str | Path, method: str | None = None) -> dict[str, Any]:
+    """Read and check a sweep file, with `method` in place of the file's if given; ValueError naming the problem."""
+    if not Path(path).is_file():
+        raise ValueError(f"sweep: {path} is not a file; expected a W&B sweep file such as configs/sweeps/table2_latent_mult.yaml")
     spec = yaml.safe_load(Path(path).read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise ValueError(f"sweep: {path} has no 'parameters' mapping; see configs/sweeps/ for the format")
+    if method is not None:
+        spec["method"] = method
     method = spec.get("method")
     if method not in ("grid", "random", "bayes"):
         raise ValueError(f"sweep: {path}: method={method!r} is not allowed; expected 'grid', 'random' or 'bayes'")
@@ -59,7 +63,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
                     "'None' and the CLI cannot parse; use the string 'null'"
                 )
         if method == "grid" and "values" not in param and "value" not in param:
-            raise ValueError(f"sweep: {path}: grid search needs 'values' for parameter {name!r}")
+            raise ValueError(
+                f"sweep: {path}: grid search needs 'values' for parameter {name!r}, which has a distribution; "
+                "use random search (the file's method, or --method random)"
+            )
     return spec
 
 
@@ -127,23 +134,31 @@ def trials(spec: dict[str, Any], count: int | None = None, seed: int = 0) -> lis
     return [Trial(i, values, agent_command(spec, values)) for i, values in enumerate(expand(spec, count, seed))]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of trials; expected 1 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """List and run the trials of a sweep file."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help="a W&B sweep file (configs/sweeps/*.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and their commands only")
-    parser.add_argument("--count", type=int, help="run at most N trials (random search: draw N)")
+    parser.add_argument("--count", type=_positive, help="run at most N trials (random search: draw N)")
     parser.add_argument("--method", choices=["grid", "random"], help="override the file's method")
     parser.add_argument("--seed", type=int, default=0, help="seed of random search (default 0)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="arguments appended to every trial's command (e.g. --trainer.fast_dev_run=1)")
     args = parser.parse_args(argv)
-    spec = load_sweep(args.file)
-    if args.method:
-        spec["method"] = args.method
+    try:
+        spec = load_sweep(args.file, args.method)
+        planned = trials(spec, args.count, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     name = spec.get("name") or Path(args.file).stem
-    planned = trials(spec, args.count, args.seed)
     print(f"sweep {name}: {spec['method']} search, {len(planned)} trial(s)")
     for trial in planned:
         print(f"[trial {trial.index:03d}] {shlex.join(trial.command + args.extra)}")

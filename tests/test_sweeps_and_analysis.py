@@ -84,6 +84,20 @@ def test_sweep_values_that_str_cannot_round_trip_are_rejected(tmp_path: Path) ->
         expand({"method": "bayes", "parameters": {"a": {"values": [1, 2]}}})
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["recipe_random.yaml", "--method", "grid"], "grid search needs 'values' for parameter"),
+    (["table2_latent_mult.yaml", "--count", "-1"], "-1 is not a number of trials; expected 1 or more"),
+    (["table2_latent_mult.yaml", "--count", "0"], "0 is not a number of trials"),
+    (["no_such_sweep.yaml"], "no_such_sweep.yaml is not a file; expected a W&B sweep file"),
+])
+def test_sweep_command_reports_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args[0] = str(ROOT / "configs" / "sweeps" / args[0])
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", *args, "--dry-run"])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_random_search_is_seeded_and_in_range() -> None:
     spec = load_sweep(ROOT / "configs" / "sweeps" / "recipe_random.yaml")
     first, again = expand(spec, count=6, seed=3), expand(spec, count=6, seed=3)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._args import positive_int
 from .bench_ops import machine
 
 
@@ -77,15 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cpus = os.cpu_count() or 1
-    parser.add_argument("--images", type=int, default=1024, help="training images to generate (default 1024)")
+    parser.add_argument("--images", type=positive_int, default=1024, help="training images to generate (default 1024)")
     parser.add_argument("--workers", default=",".join(str(w) for w in sorted({1, 2, cpus})),
                         help="comma-separated loader worker counts (default 1, 2 and this machine's CPUs)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--folder", help="an existing ImageFolder tree to read instead of a generated one")
     args = parser.parse_args(argv)
-    if not args.folder and args.images < 2 * args.batch_size:
-        parser.error(f"--images {args.images} gives fewer than 2 batches of {args.batch_size}; the first batch is "
-                     f"not timed, so use --images >= {2 * args.batch_size} or a smaller --batch-size")
+    if args.folder:
+        train = Path(args.folder) / "train"
+        if not train.is_dir() or not (Path(args.folder) / "val").is_dir():
+            parser.error(f"--folder {args.folder}: expected an ImageFolder tree with train/ and val/ class folders")
+        args.images = sum(1 for path in train.rglob("*") if path.is_file())
+    if args.images < 2 * args.batch_size:
+        given = f"--folder's {args.images} training images give" if args.folder else f"--images {args.images} gives"
+        parser.error(f"{given} fewer than 2 batches of {args.batch_size}; the first batch is not timed, so use "
+                     f"{'a larger folder' if args.folder else f'--images >= {2 * args.batch_size}'} or a smaller "
+                     "--batch-size")
     from .data.imagenet import ImageNetDataModule
     from .data.shards import ImageNetShardsDataModule, make_shards
 
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         make_shards(folder, shards, workers=max(workers))
         classes = len([p for p in (folder / "train").iterdir() if p.is_dir()])
         print(f"machine: {machine()}\n\n{args.images} training images from {'--folder' if args.folder else 'the generator'}"
-              f" (mean {np.mean([p.stat().st_size for p in (folder / 'train').rglob('*.JPEG')]) / 1024:.0f} KB), "
+              f" (mean {np.mean([p.stat().st_size for p in (folder / 'train').rglob('*') if p.is_file()]) / 1024:.0f} KB), "
               f"batch {args.batch_size}, train transforms at 224\n")
         print("| loader | workers | images/s |\n|---|---:|---:|")
         for count in workers:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._args import positive_int
+
 BATCH_TRACED, BATCH_CHECKED = 2, 3
 # --check passes where the largest |onnxruntime - PyTorch| over the logits is at most TOLERANCE of
 # PyTorch's largest |logit|, or at most ROUNDING_FACTOR times how far float32 rounding alone moves
@@ -109,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning export-onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a registry model (python -m dcd_lightning profile --help lists them)")
+    source.add_argument("--model", help="a registry model (dcd_lightning.list_models() lists them)")
     source.add_argument("--config", action="append", help="a fit config (repeat to stack), as for fit")
     parser.add_argument("--checkpoint", help="a checkpoint of this project's training (.ckpt) to load")
-    parser.add_argument("--num-classes", type=int, default=1000, help="with --model (default 1000)")
-    parser.add_argument("--image-size", type=int, help="input size (default: the config's, or 224)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000, help="with --model (default 1000)")
+    parser.add_argument("--image-size", type=positive_int, help="input size (default: the config's, or 224)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--check", action="store_true",
                         help="compare onnxruntime with PyTorch at batch 3; exit status 1 if they differ")
@@ -127,18 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         from .models import create_model
 
-        model, size = create_model(args.model, num_classes=args.num_classes), 224
+        try:
+            model, size = create_model(args.model, num_classes=args.num_classes), 224
+        except ValueError as error:
+            parser.error(f"--model: {error}")
     else:
         from .profile_cmd import model_from_config
 
         model, size = model_from_config(args.config, [])
     if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            parser.error(f"--checkpoint {args.checkpoint}: no such file; expected a .ckpt written by `fit`")
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         if not weights:
             parser.error(f"{args.checkpoint} holds no 'model.*' weights; expected a checkpoint of `fit`")
-        model.load_state_dict(weights)
-    size = args.image_size or size
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as error:
+            hint = (" (with --model, the checkpoint must be of that registry model, with --num-classes its classes;"
+                    " or give the run's config with --config)") if args.model else ""
+            parser.error(f"{args.checkpoint} does not fit this model{hint}: {str(error).splitlines()[-1].strip()}")
+    if args.image_size is not None:
+        size = args.image_size
     data = export_onnx(model, size, args.out)
     print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB), input images (N, 3, {size}, {size}), N dynamic")
     if args.check:

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ._args import positive_int
 from .models.registry import _REGISTRY, get_model_spec
 from .paper import paper_row
 from .profiling import Profile, profile_model
@@ -97,20 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", action="append", help="LightningCLI config (repeat to stack)")
     source.add_argument("--model", help="a registry name (see dcd_lightning.list_models())")
-    parser.add_argument("--input-size", type=int, help="image side (default: the data module's, else 224)")
+    parser.add_argument("--input-size", type=positive_int, help="image side (default: the data module's, else 224)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = parser.parse_known_args(argv)
     if args.model:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-        model, size, name = get_model_spec(args.model).build(), 224, args.model
+        try:
+            model, size, name = get_model_spec(args.model).build(), 224, args.model
+        except ValueError as error:
+            parser.error(f"--model: {error}")
     else:
         for config in args.config:
             if not Path(config).is_file():
                 parser.error(f"--config {config}: no such file")
         model, size = model_from_config(args.config, overrides)
         name = registry_name(args.config[-1])
-    if args.input_size:
+    if args.input_size is not None:
         size = args.input_size
     data = report(profile_model(model, size), name)
     if args.json:

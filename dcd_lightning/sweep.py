@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ._args import positive_int
+
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 TRIAL_ENV = "DCD_SWEEP_TRIAL"  # "<sweep name>/trial-NNN": the CLI puts the run in that sub-folder
 TAGS_ENV = "DCD_SWEEP_TAGS"  # comma-separated key=value tags for W&B
@@ -134,20 +136,13 @@ def trials(spec: dict[str, Any], count: int | None = None, seed: int = 0) -> lis
     return [Trial(i, values, agent_command(spec, values)) for i, values in enumerate(expand(spec, count, seed))]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a number of trials; expected 1 or more")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """List and run the trials of a sweep file."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help="a W&B sweep file (configs/sweeps/*.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and their commands only")
-    parser.add_argument("--count", type=_positive, help="run at most N trials (random search: draw N)")
+    parser.add_argument("--count", type=positive_int, help="run at most N trials (random search: draw N)")
     parser.add_argument("--method", choices=["grid", "random"], help="override the file's method")
     parser.add_argument("--seed", type=int, default=0, help="seed of random search (default 0)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],

@@ -74,6 +74,51 @@ def test_bad_operator_option_is_reported_at_the_cli(tmp_path: Path) -> None:
               f"--trainer.default_root_dir={tmp_path}"])
 
 
+def _tiny_folder(root: Path, train_images: int) -> Path:
+    from PIL import Image
+
+    for split, count in (("train", train_images), ("val", 1)):
+        (root / split / "a").mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8)).save(root / split / "a" / f"{index}.jpg")
+    return root
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["profile", "--model", "resnet18_dcd", "--input-size", "0"], "argument --input-size: 0 is too small"),
+    (["profile", "--model", "resnet18_dcdd"], "--model: create_model: no model named 'resnet18_dcdd'"),
+    (["export-onnx", "--model", "resnet10_static", "--image-size", "-5", "--out", "x.onnx"],
+     "argument --image-size: -5 is too small; expected 1 or more"),
+    (["export-onnx", "--model", "nope", "--out", "x.onnx"], "--model: create_model: no model named 'nope'"),
+    (["export-onnx", "--model", "resnet10_static", "--checkpoint", "missing.ckpt", "--out", "x.onnx"],
+     "--checkpoint missing.ckpt: no such file"),
+    (["bench-data", "--folder", "missing"], "--folder missing: expected an ImageFolder tree with train/ and val/"),
+    (["bench-data", "--folder", "small", "--batch-size", "2"], "--folder's 3 training images give fewer than 2 batches"),
+    (["bench-data", "--images", "0"], "argument --images: 0 is too small"),
+])
+def test_tools_report_bad_input_as_usage_errors(args: list[str], message: str, tmp_path: Path, monkeypatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    _tiny_folder(tmp_path / "small", train_images=3)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_names_a_checkpoint_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = create_model("resnet10_static", num_classes=10)
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "ten.ckpt")
+    with pytest.raises(SystemExit) as stop:
+        main(["export-onnx", "--model", "resnet10_static", "--checkpoint", str(tmp_path / "ten.ckpt"),
+              "--out", str(tmp_path / "x.onnx")])
+    assert stop.value.code == 2
+    assert "does not fit this model (with --model, the checkpoint must be of that registry model, with " \
+           "--num-classes its classes" in capsys.readouterr().err
+
+
 def test_bench_ops_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench-ops", "--quick", "--rounds", "1", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out

@@ -86,8 +86,8 @@ def test_sweep_values_that_str_cannot_round_trip_are_rejected(tmp_path: Path) ->
 
 @pytest.mark.parametrize(("args", "message"), [
     (["recipe_random.yaml", "--method", "grid"], "grid search needs 'values' for parameter"),
-    (["table2_latent_mult.yaml", "--count", "-1"], "-1 is not a number of trials; expected 1 or more"),
-    (["table2_latent_mult.yaml", "--count", "0"], "0 is not a number of trials"),
+    (["table2_latent_mult.yaml", "--count", "-1"], "argument --count: -1 is too small; expected 1 or more"),
+    (["table2_latent_mult.yaml", "--count", "0"], "argument --count: 0 is too small"),
     (["no_such_sweep.yaml"], "no_such_sweep.yaml is not a file; expected a W&B sweep file"),
 ])
 def test_sweep_command_reports_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,7 +83,11 @@ def test_make_shards_resumes_and_skips_finished_splits(shards: tuple[Path, Path]
     assert f"train: {3 * PER_CLASS} images already written, skipped" in printed
     assert f"make-shards: val: {3 * PER_CLASS} images" in printed
     assert json.loads((out / "manifest.json").read_text()) == json.loads((written / "manifest.json").read_text())
-    other = write_image_folder(tmp_path / "other", per_class=2)
+    other = write_image_folder(tmp_path / "other", per_class=2)  # the same classes, other images
+    with pytest.raises(SystemExit):
+        make_shards_main(["--root", str(other), "--out", str(out)])
+    assert f"holds shards of {folder.resolve()}, not of {other}; to continue" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((written / "manifest.json").read_text())
     for split in ("train", "val"):
         (other / split / "extra_class").mkdir()
         next((other / split / "n01440764").glob("*.JPEG")).rename(other / split / "extra_class" / "moved.JPEG")

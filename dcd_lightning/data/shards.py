@@ -111,11 +111,18 @@ def make_shards(root: str | Path, out: str, workers: int = 1, chunk_bytes: str =
     root = Path(root)
     classes, _ = _source_samples(root, "train")
     manifest = json.loads(read_text(_join(out, MANIFEST)) or "null") or {
-        "format": FORMAT, "source": str(root), "classes": classes, "splits": {},
+        "format": FORMAT, "source": str(root.resolve()), "classes": classes, "splits": {},
     }
     if manifest.get("format") != FORMAT or manifest["classes"] != classes:
         raise ValueError(
             f"make-shards: {out} holds shards of another source or format; choose a new --out or delete it"
+        )
+    # Same classes but another folder (another subset, another copy) would be rewritten split by split
+    # under the first folder's manifest. A relative path in an older manifest resolves against the cwd.
+    if Path(manifest["source"]).resolve() != root.resolve():
+        raise ValueError(
+            f"make-shards: {out} holds shards of {manifest['source']}, not of {root}; to continue or check those, "
+            f"pass --root {manifest['source']}; for {root}, choose a new --out or delete it"
         )
     if not _is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,9 @@ class ImageClassifier(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor] | None, stage: str) -> None:
+        if batch is None:  # every image of the batch was unreadable and skipped (skip_corrupt); Lightning
+            return  # itself skips such a training batch
         images, targets = batch[0], batch[1]
         logits = self(images)
         self.log(f"{stage}/loss", F.cross_entropy(logits, targets), prog_bar=True, sync_dist=True)
@@ -151,16 +153,18 @@ class ImageClassifier(L.LightningModule):
             metric(logits, targets)
             self.log(f"{stage}/acc{k}", metric, prog_bar=k == "1")
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> None:
         """Validation loss and top-1/top-5 accuracy."""
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> None:
         """Test loss and top-1/top-5 accuracy."""
         self._evaluate(batch, "test")
 
-    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
-        """Class probabilities."""
+    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor | None, batch_idx: int) -> Tensor | None:
+        """Class probabilities (None for a batch whose images were all unreadable and skipped)."""
+        if batch is None:
+            return None
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
 

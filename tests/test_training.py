@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import tiny_imagenet_args, write_image_folder
 from dcd_lightning.callbacks import TemperatureSchedule
 from dcd_lightning.classifier import ImageClassifier, mix_batch
 from dcd_lightning.cli import SIGTERM_STATUS, describe_run, main
+from dcd_lightning.data.imagenet import CorruptImageError
 from dcd_lightning.loggers import wandb_can_sync
 from dcd_lightning.models import create_model
 from dcd_lightning.paper_configs import config_files
@@ -193,6 +195,38 @@ def test_corrupt_image_is_named_or_skipped(tmp_path: Path) -> None:
         fit(*args)
     with pytest.warns(UserWarning, match=rf"skipped unreadable image {bad}"):
         fit(*args, "--data.init_args.skip_corrupt=true")
+
+
+def test_batches_with_no_readable_image_are_skipped(tmp_path: Path) -> None:
+    # batch size 1: the corrupt training image and the corrupt validation image are each a whole batch
+    root = write_image_folder(tmp_path / "data")
+    for split in ("train", "val"):
+        min((root / split / "n01443537").glob("*.JPEG")).write_bytes(b"not a jpeg")
+    config = str(ROOT / "configs" / "paper" / "table4_resnet18_static.yaml")
+    args = ["--config", config, *tiny_imagenet_args(root), "--data.init_args.batch_size=1", "--trainer.max_epochs=1",
+            "--trainer.log_every_n_steps=1",
+            "--data.init_args.skip_corrupt=true", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        fit(*args)
+    rows = metrics(tmp_path / "run")
+    assert len([row for row in rows if row.get("train/loss_step")]) == 5  # 6 images, one batch skipped
+    (accuracy,) = [float(row["val/acc1"]) * 5 for row in rows if row.get("val/acc1")]
+    assert abs(accuracy - round(accuracy)) < 1e-5  # a count of 5 images
+
+
+@pytest.mark.parametrize("name", ["ImageNetDataModule", "ImageNetShardsDataModule"])
+def test_a_batch_with_no_readable_image_stops_a_multi_process_run(name: str) -> None:
+    import dcd_lightning.data  # the shards' module imports litdata on first use
+
+    module = getattr(dcd_lightning.data, name)
+    data = module(root="unused", num_workers=0)
+    data.trainer = SimpleNamespace(training=True, world_size=2, global_rank=1)
+    with pytest.raises(CorruptImageError, match=f"{module.__name__}, rank 1: every image of a training batch"):
+        data.on_before_batch_transfer(None, 0)
+    data.trainer.world_size = 1  # one process: handed to Lightning, which skips the batch
+    assert data.on_before_batch_transfer(None, 0) is None
+    data.trainer.world_size, data.trainer.training = 2, False  # validation: ImageClassifier skips it
+    assert data.on_before_batch_transfer(None, 0) is None
 
 
 def test_missing_root_names_the_path_and_layout(tmp_path: Path) -> None:

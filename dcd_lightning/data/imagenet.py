@@ -78,11 +78,24 @@ class CheckedImageFolder(datasets.ImageFolder):
 
 
 def collate_skipping_none(batch: list[Any]) -> Any:
-    """default_collate over the samples that are not None (skipped unreadable images)."""
+    """default_collate over the samples that are not None (skipped unreadable images); None where no
+    image of the batch was readable: Lightning skips such a training batch, ImageClassifier's
+    evaluation steps skip it too."""
     kept = [sample for sample in batch if sample is not None]
-    if not kept:
-        raise CorruptImageError("ImageNetDataModule: every image of a batch was unreadable (see the warnings above)")
-    return default_collate(kept)
+    return default_collate(kept) if kept else None
+
+
+def refuse_empty_batch_on_one_rank(datamodule: L.LightningDataModule, batch: Any) -> Any:
+    """The data modules' on_before_batch_transfer: a training batch with no readable image cannot be
+    skipped by one process of several (the others would wait for its gradients forever), so stop."""
+    trainer = datamodule.trainer
+    if batch is None and trainer is not None and trainer.training and trainer.world_size > 1:
+        raise CorruptImageError(
+            f"{type(datamodule).__name__}, rank {trainer.global_rank}: every image of a training batch was "
+            "unreadable (see the warnings above); one process of several cannot skip a batch: remove or fix "
+            "those images, or use a larger data.init_args.batch_size"
+        )
+    return batch
 
 
 class ImageNetDataModule(L.LightningDataModule):
@@ -152,6 +165,10 @@ class ImageNetDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
             collate_fn=collate_skipping_none if self.hparams.skip_corrupt else None,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Stop where one process of several would have to skip a training batch (no readable image)."""
+        return refuse_empty_batch_on_one_rank(self, batch)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (Lightning shards them across ranks under DDP)."""

@@ -35,6 +35,7 @@ from .imagenet import (
     check_loader_args,
     collate_skipping_none,
     eval_transform,
+    refuse_empty_batch_on_one_rank,
     train_transform,
 )
 
@@ -304,6 +305,10 @@ class ImageNetShardsDataModule(L.LightningDataModule):
             pin_memory=hp.pin_memory and torch.cuda.is_available(), drop_last=split == "train",
             collate_fn=collate_skipping_none if hp.skip_corrupt else None,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Stop where one process of several would have to skip a training batch (no readable image)."""
+        return refuse_empty_batch_on_one_rank(self, batch)
 
     def train_dataloader(self) -> Any:
         """Shuffled training batches; the same number on every rank."""

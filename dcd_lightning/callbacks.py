@@ -1,5 +1,6 @@
-"""Training callbacks: DY-Conv's temperature schedule, a report of where a run wrote its files, and
-Phi's variance per DCD layer at each validation (PhiVarianceMonitor, also named from analysis.py)."""
+"""Training callbacks: DY-Conv's temperature schedule, a report of where a run wrote its files, the
+file `predict` writes, and Phi's variance per DCD layer at each validation (PhiVarianceMonitor, also
+named from analysis.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from .analysis import _PhiStatistics, dcd_layers
 from .classifier import stepping
@@ -100,6 +102,75 @@ class RunLocations(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Report at the end."""
         self._report(trainer, "run finished")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Save what `predict` computes: `path` (default <default_root_dir>/predictions.pt; with several
+    processes one file per rank, `predictions-rank<R>.pt`) holds a dict of
+
+    - "probabilities": (N, classes) float32, one row per predicted image, in the loader's order;
+    - "targets": (N,) the labels, where the batches carry them;
+    - "index": (N,) each row's index in the predict split (ImageFolder order for the folder data),
+      where it is known: sample ids carried by the batch, else the sampler's indices when no image
+      of a batch was skipped as unreadable;
+    - "classes": the class names, where the data module has them.
+
+    Load it with `torch.load(path)`.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = path
+        self._rows: dict[str, list[Any]] = {}
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start empty (a second predict call writes its own file)."""
+        self._rows = {"probabilities": [], "targets": [], "index": []}
+        self._index_known = True
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        """Keep one batch's rows (a batch of unreadable images only has none)."""
+        if prediction is None:
+            return
+        rows = len(prediction)
+        self._rows["probabilities"].append(prediction.detach().float().cpu())
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            self._rows["targets"].append(torch.as_tensor(batch[1]).cpu())
+        if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+            self._rows["index"].append(torch.as_tensor(batch[2]).cpu())
+        elif batch_indices is not None and len(batch_indices) == rows:
+            self._rows["index"].append(torch.as_tensor(list(batch_indices)))
+        else:
+            self._index_known = False
+
+    def destination(self, trainer: L.Trainer) -> Path:
+        """The file this process writes."""
+        path = Path(self.path or Path(trainer.default_root_dir) / "predictions.pt")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the file and say where it is."""
+        rows = self._rows
+        if not rows["probabilities"]:
+            return
+        saved: dict[str, Any] = {"probabilities": torch.cat(rows["probabilities"])}
+        count = len(saved["probabilities"])
+        for key in ("targets", "index"):
+            if rows[key] and (key != "index" or self._index_known):
+                values = torch.cat(rows[key])
+                if len(values) == count:
+                    saved[key] = values
+        classes = getattr(trainer.datamodule, "classes", None)
+        if classes:
+            saved["classes"] = list(classes)
+        path = self.destination(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(saved, path)
+        print(f"[dcd-lightning] predict: wrote {count} images' class probabilities to {path} "
+              f"({', '.join(saved)})", flush=True)
 
 
 class RestoreLoaderPosition(Callback):

@@ -32,7 +32,7 @@ Train and evaluate (LightningCLI; stack configs with --config A --config B):
   fit          train a model, e.g. python -m dcd_lightning fit --config configs/quickstart.yaml
   validate     evaluate on the validation split
   test         evaluate on the test split
-  predict      class probabilities for the predict split
+  predict      class probabilities of the predict split, saved to <default_root_dir>/predictions.pt
 
 Tools:
 {tools}

@@ -10,7 +10,13 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .callbacks import RestoreLoaderPosition, RunCheckpoint, RunLocations, TemperatureSchedule
+from .callbacks import (
+    PredictionWriter,
+    RestoreLoaderPosition,
+    RunCheckpoint,
+    RunLocations,
+    TemperatureSchedule,
+)
 from .cli import _checkpoint_dir, describe_run, sweep_trial_folder
 from .sweep import TAGS_ENV
 
@@ -73,6 +79,8 @@ class DCDLightningCLI(LightningCLI):
       `--ckpt_path last` resumes it;
     - loggers without a save_dir write under default_root_dir, W&B runs get a name and tags from
       the config; DY-Conv layers follow the temperature schedule (`--temperature.*`);
+    - `predict` saves the class probabilities to <default_root_dir>/predictions.pt
+      (`--predictions.path`), see PredictionWriter;
     - an int stays an int in options such as `--trainer.limit_train_batches=1` (one batch), see
       _int_before_float.
     """
@@ -93,6 +101,7 @@ class DCDLightningCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(TemperatureSchedule, "temperature")
         parser.add_lightning_class_args(RunLocations, "run_locations")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         """Drop the project's checkpoint callback when the config switches checkpointing off; add

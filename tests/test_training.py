@@ -19,10 +19,12 @@ from conftest import tiny_imagenet_args, write_image_folder
 from dcd_lightning.callbacks import TemperatureSchedule
 from dcd_lightning.classifier import ImageClassifier, mix_batch
 from dcd_lightning.cli import SIGTERM_STATUS, describe_run, main
+from dcd_lightning.data import DigitsDataModule
 from dcd_lightning.data.imagenet import CorruptImageError
 from dcd_lightning.loggers import wandb_can_sync
 from dcd_lightning.models import create_model
 from dcd_lightning.paper_configs import config_files
+from dcd_lightning.profile_cmd import model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -154,6 +156,42 @@ def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     fit("--config", QUICKSTART, *QUIET, *short, f"--trainer.max_epochs={stopped['epoch'] + 2}",
         f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")
     assert torch.load(last, weights_only=False)["global_step"] == steps * (stopped["epoch"] + 2)
+
+
+def test_predict_saves_probabilities_that_the_checkpoint_computes(tmp_path: Path) -> None:
+    short = [*QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+             "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"]
+    fit("--config", QUICKSTART, *short)
+    assert main(["predict", "--config", QUICKSTART, *short, "--ckpt_path=last"]) == 0
+    saved = torch.load(tmp_path / "predictions.pt")
+    data = DigitsDataModule(image_size=8)
+    data.setup("predict")
+    images, labels = next(iter(torch.utils.data.DataLoader(data.splits["test"], batch_size=10_000)))
+    model, _ = model_from_config([QUICKSTART], [])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+    model.eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(images), dim=1)
+    assert saved["probabilities"].shape == (len(labels), 10)
+    assert torch.equal(saved["index"], torch.arange(len(labels)))  # the test split, in order
+    assert torch.equal(saved["targets"], labels)
+    torch.testing.assert_close(saved["probabilities"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_on_image_folders_keeps_the_class_names(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data")
+    bad = min((root / "val" / "n01443537").glob("*.JPEG"))
+    bad.write_bytes(b"not a jpeg")
+    config = str(ROOT / "configs" / "paper" / "table4_resnet18_static.yaml")
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        assert main(["predict", "--config", config, *tiny_imagenet_args(root), "--data.init_args.skip_corrupt=true",
+                     "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                     f"--predictions.path={tmp_path / 'out' / 'p.pt'}"]) == 0
+    saved = torch.load(tmp_path / "out" / "p.pt")
+    assert saved["classes"] == sorted(path.name for path in (root / "val").iterdir())
+    assert saved["probabilities"].shape == (5, 3) and len(saved["targets"]) == 5  # 6 images, 1 unreadable
+    assert "index" not in saved  # a batch lost a row: the sampler's indices no longer match
 
 
 def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:

@@ -153,6 +153,11 @@ class ImageNetDataModule(L.LightningDataModule):
         if "train" in self.datasets and self.datasets["train"].classes != self.datasets["val"].classes:
             raise ValueError(f"ImageNetDataModule: train/ and val/ under {hp.root!r} hold different class folders")
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The class folder names, once set up (predict saves them with the probabilities)."""
+        return self.datasets["val"].classes if "val" in self.datasets else None
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         return DataLoader(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -63,6 +64,11 @@ class ImageClassifier(L.LightningModule):
     bf16-mixed`. `compile` compiles the backbone with torch.compile: true, or torch.compile's keyword
     arguments such as {mode: reduce-overhead} (CUDA graphs: a DCD step issues many small kernels) or
     {backend: eager}. Compiling changes no parameter name, so checkpoints load either way.
+
+    `init_weights` starts a run from the backbone's weights in a file, with a new optimizer and
+    schedule (fine-tuning, or training on from `import-official`'s conversion): a checkpoint of
+    `fit` or `import-official` (its `model.*` weights), or the backbone's own state dict. It is
+    loaded strictly at setup, unless a checkpoint (`--ckpt_path`) restores the run instead.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class ImageClassifier(L.LightningModule):
         step_epochs: int = 30,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -103,7 +110,12 @@ class ImageClassifier(L.LightningModule):
             if unknown:
                 raise ValueError(f"{name}: compile={compile} has unknown key(s) {unknown}; expected true/false or "
                                  f"torch.compile keyword arguments among {sorted(COMPILE_KEYS)}")
-        self.save_hyperparameters(ignore=["backbone"])
+        if init_weights is not None and not Path(init_weights).is_file():
+            raise ValueError(f"{name}: init_weights={init_weights!r} is not a file; expected a checkpoint of fit or "
+                             "import-official, or a state dict of the backbone")
+        self.init_weights = init_weights
+        # the file is read once, at setup; a checkpoint of this run must not need it
+        self.save_hyperparameters(ignore=["backbone", "init_weights"])
         self.model = backbone(num_classes)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -114,6 +126,32 @@ class ImageClassifier(L.LightningModule):
             {f"{stage}_acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro") for stage in ("train", "val", "test")}
             | {f"{stage}_acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro") for stage in ("val", "test")}
         )
+
+    def setup(self, stage: str) -> None:
+        """Load `init_weights` into the backbone, unless a checkpoint restores the run."""
+        if self.init_weights is None or self.trainer.ckpt_path is not None:
+            return
+        state = torch.load(self.init_weights, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError(f"{type(self).__name__}: init_weights={self.init_weights!r} holds no weights; expected a "
+                             "checkpoint of fit or import-official, or a state dict of the backbone")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{type(self).__name__}: init_weights={self.init_weights!r} does not fit this config's "
+                             f"model: {str(error).splitlines()[-1].strip()} (give the config of the model it was "
+                             "saved from)") from None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A weights-only checkpoint (import-official's) cannot resume a fit: say what to do instead."""
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" not in checkpoint:
+            raise ValueError(
+                f"{self.trainer.ckpt_path} holds weights only (import-official writes such files), so fit cannot "
+                "resume from it; start a run from its weights with --model.init_args.init_weights FILE instead "
+                "of --ckpt_path"
+            )
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the backbone."""

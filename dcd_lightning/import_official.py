@@ -2,12 +2,15 @@
 
 Reads a checkpoint of the official release (its `state_dict`, with or without DataParallel's
 `module.` prefix; torch.load with weights_only=True), builds the matching registry model, checks
-that it loads strictly, and writes a Lightning checkpoint that `validate`/`test`/`fit` accept with
-the model's paper config:
+that it loads strictly, and writes a Lightning checkpoint of the weights, for the model's paper
+config: `validate`/`test`/`predict` take it as `--ckpt_path`; `fit` starts from its weights with
+`--model.init_args.init_weights` (it holds no optimizer state to resume):
 
     python -m dcd_lightning import-official mobilenetv2_dcd.pth.tar --out mv2_dcd.ckpt
     python -m dcd_lightning validate --config configs/paper/table4_mobilenetv2_x1.0_dcd.yaml \\
         --ckpt_path mv2_dcd.ckpt --data.init_args.root /path/to/imagenet
+    python -m dcd_lightning fit --config configs/paper/table4_mobilenetv2_x1.0_dcd.yaml \\
+        --model.init_args.init_weights mv2_dcd.ckpt --data.init_args.root /path/to/imagenet
 """
 
 from __future__ import annotations
@@ -46,5 +49,5 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(checkpoint, args.out)
     print(f"{args.checkpoint}: official weights of {name}; wrote {args.out}")
     print(f"use it with: python -m dcd_lightning validate --config configs/paper/table4_{name}.yaml "
-          f"--ckpt_path {args.out}")
+          f"--ckpt_path {args.out}\n(to train from it: fit ... --model.init_args.init_weights {args.out})")
     return 0

@@ -194,6 +194,49 @@ def test_predict_on_image_folders_keeps_the_class_names(tmp_path: Path) -> None:
     assert "index" not in saved  # a batch lost a row: the sampler's indices no longer match
 
 
+def test_a_run_starts_from_init_weights_and_refuses_to_resume_from_weights_only(tmp_path: Path) -> None:
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from dcd_lightning.lightning_cli import DCDLightningCLI
+
+    short = [*QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+             "--trainer.limit_val_batches=2", "--trainer.logger=false"]
+    fit("--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path / 'first'}")
+    trained = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    import lightning
+
+    weights_only = {"state_dict": {k: v for k, v in trained.items() if k.startswith("model.")},
+                    "pytorch-lightning_version": lightning.__version__}  # what import-official writes
+    torch.save(weights_only, tmp_path / "weights.ckpt")
+    torch.save({k.removeprefix("model."): v for k, v in weights_only["state_dict"].items()}, tmp_path / "backbone.pt")
+
+    def validate(*args: str) -> float:
+        cli = DCDLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                              run=False, save_config_callback=None,
+                              args=["--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path}", *args])
+        (result,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
+        return result["val/loss"]
+
+    fresh = validate()
+    restored = validate(f"--model.init_args.init_weights={tmp_path / 'weights.ckpt'}")
+    assert restored == validate(f"--model.init_args.init_weights={tmp_path / 'backbone.pt'}") != fresh
+    cli = DCDLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, save_config_callback=None,
+                          args=["--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path}"])
+    (expected,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False,
+                                       ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"))
+    assert restored == expected["val/loss"]
+    with pytest.raises(ValueError, match=r"holds weights only .* --model.init_args.init_weights FILE instead"):
+        fit("--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path / 'second'}",
+            f"--ckpt_path={tmp_path / 'weights.ckpt'}")
+    with pytest.raises(ValueError, match=r"init_weights='nowhere.pt' is not a file"):
+        fit("--config", QUICKSTART, *short, "--model.init_args.init_weights=nowhere.pt")
+    fit("--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path / 'second'}",
+        f"--model.init_args.init_weights={tmp_path / 'weights.ckpt'}")
+    assert "init_weights" not in torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt",
+                                            weights_only=False)["hyper_parameters"]
+
+
 def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:
     args = ["--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=2",

@@ -90,7 +90,9 @@ class RunLocations(Callback):
                 lines.append(f"  checkpoints: {callback.dirpath}")
                 if callback.best_model_path:
                     lines.append(f"  best checkpoint: {callback.best_model_path} (val/acc1 {callback.best_model_score})")
-        config = Path(log_dir or trainer.default_root_dir) / "config.yaml"
+        # this run's own file: DCDSaveConfig writes config-<stamp>.yaml beside another run's config.yaml
+        name = next((c.config_filename for c in trainer.callbacks if hasattr(c, "config_filename")), "config.yaml")
+        config = Path(log_dir or trainer.default_root_dir) / name
         if config.exists():
             lines.append(f"  resolved config: {config}")
         print("\n".join(lines), flush=True)

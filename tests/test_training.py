@@ -237,16 +237,20 @@ def test_a_run_starts_from_init_weights_and_refuses_to_resume_from_weights_only(
                                             weights_only=False)["hyper_parameters"]
 
 
-def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path) -> None:
+def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=2",
             "--trainer.logger.init_args.version=shared", f"--trainer.default_root_dir={tmp_path}"]
     fit(*args, "--model.init_args.lr=0.01")
     time.sleep(1.1)
+    capsys.readouterr()
     fit(*args, "--model.init_args.lr=0.02")
     configs = sorted((tmp_path / "digits_resnet10_dcd" / "shared").glob("config*.yaml"))
     assert len(configs) == 2
     assert {yaml.safe_load(c.read_text())["model"]["init_args"]["lr"] for c in configs} == {0.01, 0.02}
+    (reported,) = {line.split("resolved config: ")[1] for line in capsys.readouterr().out.splitlines()
+                   if "resolved config: " in line}  # the second run's own file
+    assert yaml.safe_load(Path(reported).read_text())["model"]["init_args"]["lr"] == 0.02
     # limit_train_batches=1 is one batch (an int), not all of them (1.0)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
 

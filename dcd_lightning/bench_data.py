@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         shards = str(Path(scratch) / "shards")
         make_shards(folder, shards, workers=max(workers))
         classes = len([p for p in (folder / "train").iterdir() if p.is_dir()])
+        sizes = [p.stat().st_size for p in (folder / "train").rglob("*") if p.is_file()]
         print(f"machine: {machine()}\n\n{args.images} training images from {'--folder' if args.folder else 'the generator'}"
-              f" (mean {np.mean([p.stat().st_size for p in (folder / 'train').rglob('*') if p.is_file()]) / 1024:.0f} KB), "
+              f" (mean {np.mean(sizes) / 1024:.0f} KB), "
               f"batch {args.batch_size}, train transforms at 224\n")
         print("| loader | workers | images/s |\n|---|---:|---:|")
         for count in workers:

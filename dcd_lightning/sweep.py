@@ -46,7 +46,8 @@ class Trial:
 def load_sweep(path: str | Path, method: str | None = None) -> dict[str, Any]:
     """Read and check a sweep file, with `method` in place of the file's if given; ValueError naming the problem."""
     if not Path(path).is_file():
-        raise ValueError(f"sweep: {path} is not a file; expected a W&B sweep file such as configs/sweeps/table2_latent_mult.yaml")
+        raise ValueError(f"sweep: {path} is not a file; expected a W&B sweep file such as "
+                         "configs/sweeps/table2_latent_mult.yaml")
     spec = yaml.safe_load(Path(path).read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise ValueError(f"sweep: {path} has no 'parameters' mapping; see configs/sweeps/ for the format")

@@ -115,7 +115,7 @@ def phi_normalized_variance(model: nn.Module, batches: Iterable[Tensor | tuple[T
 
 # -- runs -----------------------------------------------------------------------------------------
 
-IGNORED_KEYS = ("default_root_dir", "save_dir", "dirpath", "root", "version", "ckpt_path", "num_workers")
+IGNORED_KEYS = ("default_root_dir", "save_dir", "dirpath", "root", "version", "ckpt_path", "num_workers", "logger")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -153,30 +153,48 @@ def load_history(run: str | Path) -> Any:
 
 
 def load_runs(folder: str | Path, keys: list[str] | None = None) -> Any:
-    """One row per CSV-logged run under `folder`: its name, swept config values, and accuracies.
+    """One row per CSV-logged training run under `folder`: its name, swept config values, and accuracies.
 
     The swept values are the config entries that differ between the runs (or `keys`, dotted
-    config paths); columns take the last part of each path (e.g. `latent_mult`).
+    config paths); columns take the last part of each path (e.g. `latent_mult`). Logger settings
+    (W&B names and tags) are not among them. A run resumed with `--ckpt_path` (a new log version
+    in the same run folder) is one row with the two parts' epochs; `validate` and `test` runs,
+    which log no training metrics, are left out.
     """
     import pandas as pd
 
-    rows, configs = [], []
+    parts: dict[tuple[str, str], list[list[tuple[dict[str, Any], Any, Path]]]] = {}
     for config_path in sorted(Path(folder).rglob("config*.yaml")):
         metrics_path = config_path.parent / "metrics.csv"
         if not metrics_path.exists():
             continue
-        config = _flatten(yaml.safe_load(config_path.read_text()) or {})
         history = load_history(metrics_path)
+        if not any(str(column).startswith("train/") for column in history.columns):
+            continue  # validate / test / predict
+        config = _flatten(yaml.safe_load(config_path.read_text()) or {})
+        run = (str(config.get("trainer.default_root_dir")), str(config_path.parent.parent))
+        parts.setdefault(run, []).append((config, history, config_path.parent))
+    rows, configs = [], []
+    for pieces in parts.values():
+        pieces.sort(key=lambda piece: (piece[1].index.min() if len(piece[1]) else -1, piece[2].stat().st_mtime))
+        for config, history, path in pieces:
+            if config.get("ckpt_path") is not None and rows and rows[-1]["_group"] is pieces:
+                rows[-1]["_history"].append(history)  # resumed: the same run goes on
+                configs[-1] = config
+                continue
+            rows.append({"_group": pieces, "_history": [history], "run": str(path), "name": path.parent.name})
+            configs.append(config)
+    for row in rows:
+        history = pd.concat(row.pop("_history"))
+        history = history.groupby(level=0).last()  # a mid-epoch resume logs that epoch again
+        row.pop("_group")
         val = history["val/acc1"].dropna() if "val/acc1" in history else pd.Series(dtype=float)
-        rows.append({
-            "run": str(config_path.parent),
-            "name": config_path.parent.parent.name,
+        row.update({
             "val/acc1_best": float(val.max()) if len(val) else float("nan"),
             "val/acc1_last": float(val.iloc[-1]) if len(val) else float("nan"),
             "val/acc5_best": float(history["val/acc5"].max()) if "val/acc5" in history else float("nan"),
             "epochs": int(history.index.max()) + 1 if len(history) else 0,
         })
-        configs.append(config)
     if keys is None:
         every = set().union(*configs) if configs else set()
         keys = sorted(

@@ -182,6 +182,38 @@ def test_history_and_runs_tables(small_runs: dict[str, Path]) -> None:
     assert list(table["paper row"]) == [1, 2] and list(table["top1 (paper)"]) == [68.7, 69.0]
 
 
+def _logged_run(folder: Path, config: dict, rows: list[dict]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    columns = sorted({key for row in rows for key in row})
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_runs_table_joins_resumed_runs_and_leaves_out_evaluations(tmp_path: Path) -> None:
+    def config(root: str, lr: float, tags: list[str], **more: object) -> dict:
+        logger = [{"class_path": "CSVLogger", "init_args": {"name": "logs"}},
+                  {"class_path": "WandbLogger", "init_args": {"name": root, "tags": tags}}]
+        return {"trainer": {"default_root_dir": root, "logger": logger}, "model": {"init_args": {"lr": lr}}, **more}
+
+    def epochs(first: int, accuracies: list[float]) -> list[dict]:
+        return [row for e, acc in enumerate(accuracies, first)
+                for row in ({"epoch": e, "train/loss_epoch": 1.0}, {"epoch": e, "val/acc1": acc, "val/acc5": 0.9})]
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _logged_run(tmp_path / "a" / "logs" / "version_0", config(a, 0.1, ["lr=0.1"]), epochs(0, [0.2, 0.5]))
+    _logged_run(tmp_path / "a" / "logs" / "version_1", config(a, 0.1, ["lr=0.1"], ckpt_path="last"),
+                epochs(1, [0.55, 0.6, 0.4]))  # resumed mid-epoch 1
+    _logged_run(tmp_path / "a" / "logs" / "version_2", {**config(a, 0.1, ["lr=0.1"]), "verbose": True},
+                [{"epoch": 0, "val/acc1": 0.4}])  # validate
+    _logged_run(tmp_path / "b" / "logs" / "version_0", config(b, 0.2, ["lr=0.2"]), epochs(0, [0.3, 0.35]))
+    runs = load_runs(tmp_path).set_index("lr")
+    assert sorted(runs.columns) == ["epochs", "name", "run", "val/acc1_best", "val/acc1_last", "val/acc5_best"]
+    assert runs.loc[0.1, "epochs"] == 4 and runs.loc[0.1, "val/acc1_best"] == 0.6
+    assert runs.loc[0.1, "val/acc1_last"] == 0.4 and runs.loc[0.1, "name"] == "logs"
+    assert runs.loc[0.2, "epochs"] == 2 and runs.loc[0.2, "val/acc1_best"] == 0.35
+
+
 def test_wandb_loader_builds_the_same_table_from_the_api() -> None:
     fake_run = SimpleNamespace(id="abc", name="trial", tags=["latent_mult=0.5"], summary={"val/acc1": 0.7},
                                config={"model": {"init_args": {"lr": 0.05}}, "_wandb": {}})

@@ -227,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time each model's whole eager step captured in one CUDA graph (CUDA only)")
     parser.add_argument("--no-bf16", action="store_true", help="float32 instead of bf16 autocast")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda (the default where a CUDA device is present) or cpu")
     parser.add_argument("--out", help="also write the table to this markdown file (after every measurement)")
     parser.add_argument("--time-limit", type=float, default=450.0,
                         help="seconds for the whole run: later measurements are skipped, and a compiled model "
                              "(measured in a child process) is stopped, when they are up")
     args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print("bench-gpu: no CUDA device here, so this measures on the CPU: minutes per model at the default "
+                  "sizes (--device cpu silences this note; --batch-size 4 --size 64 --steps 2 for a quick look)",
+                  file=sys.stderr, flush=True)
     started = time.perf_counter()
     models = args.models.split(",")
     compiled = [] if args.no_compile or not args.compile_models else (
@@ -259,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], Result] = {}
     notes: list[str] = []
     text = table(header, models, modes, results)
+    print("\n".join(header), flush=True)
     for mode, names in (("eager", models), ("cuda graph", graphed), (compile_name, compiled)):
         for name in names:
             # compiled models and graph captures run in child processes (stopped at the time limit)

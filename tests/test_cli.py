@@ -220,6 +220,10 @@ def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.Capture
                  "--batch-size", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--no-compile",
                  "--out", str(out)]) == 0
     table = out.read_text()
+    printed = capsys.readouterr()
+    assert printed.out.startswith("machine: ")  # the header comes first, before any model is timed
+    if not torch.cuda.is_available():  # the default device is then the CPU, and the run says so
+        assert "bench-gpu: no CUDA device here, so this measures on the CPU" in printed.err
     assert "| mobilenetv2_x0.35_static | " in table and "| 1.00 |" in table
     assert "failed" not in table and table.count("\n| ") == 4  # header and three models
     variant = next(row for row in table.splitlines() if row.startswith("| mobilenetv2_x0.35_dcd@route=kernel |"))

@@ -6,6 +6,7 @@ import os
 import time
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -109,6 +110,41 @@ class DCDLightningCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
         return super()._instantiate_trainer(config, [*callbacks, RestoreLoaderPosition()])
+
+    def _resolve_evaluation_checkpoint(self) -> None:
+        """`validate`/`test`/`predict --ckpt_path last|best`: this run folder's file, or an error.
+
+        Lightning validates the untrained model with a warning when `last` finds no file, and
+        cannot find `best` outside the fit that saved it.
+        """
+        config = self.config_init[self.subcommand]
+        wanted = config.get("ckpt_path")
+        callback = self.trainer.checkpoint_callback
+        if wanted not in ("last", "best") or callback is None or not callback.dirpath:
+            return
+        folder = Path(callback.dirpath)
+        if wanted == "last":
+            found = [folder / "last.ckpt"] if (folder / "last.ckpt").is_file() else []
+        else:  # best-epochNNN-accA.AAAA.ckpt; save_top_k=1 keeps one, take the most accurate if there are more
+            found = sorted(folder.glob("best-*.ckpt"), key=lambda path: path.stem.rsplit("acc", 1)[-1])[-1:]
+        if not found:
+            raise FileNotFoundError(
+                f"{self.subcommand} --ckpt_path {wanted}: no {'last.ckpt' if wanted == 'last' else 'best-*.ckpt'} in "
+                f"{folder}; train with the same config and default_root_dir first, or give a checkpoint's path"
+            )
+        config["ckpt_path"] = str(found[0])
+
+    def before_validate(self) -> None:
+        """Resolve --ckpt_path last/best (see _resolve_evaluation_checkpoint)."""
+        self._resolve_evaluation_checkpoint()
+
+    def before_test(self) -> None:
+        """Resolve --ckpt_path last/best."""
+        self._resolve_evaluation_checkpoint()
+
+    def before_predict(self) -> None:
+        """Resolve --ckpt_path last/best."""
+        self._resolve_evaluation_checkpoint()
 
     def before_instantiate_classes(self) -> None:
         """Put loggers under default_root_dir and name W&B runs from the config."""

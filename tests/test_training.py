@@ -177,6 +177,12 @@ def test_predict_saves_probabilities_that_the_checkpoint_computes(tmp_path: Path
     assert torch.equal(saved["index"], torch.arange(len(labels)))  # the test split, in order
     assert torch.equal(saved["targets"], labels)
     torch.testing.assert_close(saved["probabilities"], expected, rtol=1e-4, atol=1e-5)
+    # the other evaluation commands find this folder's checkpoints by name, and say so where there are none
+    for name in ("best", "last"):
+        assert main(["validate", "--config", QUICKSTART, *short, f"--ckpt_path={name}"]) == 0
+        with pytest.raises(FileNotFoundError, match=rf"validate --ckpt_path {name}: no .* in {tmp_path / 'empty'}"):
+            main(["validate", "--config", QUICKSTART, *short, f"--ckpt_path={name}",
+                  f"--trainer.default_root_dir={tmp_path / 'empty'}"])
 
 
 def test_predict_on_image_folders_keeps_the_class_names(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -47,6 +48,7 @@ def stepping(trainer: L.Trainer) -> tuple[int, int]:
 
 
 COMPILE_KEYS = {"backend", "mode", "fullgraph", "dynamic", "options"}
+SCHEDULE_KEY = "dcd_lightning_schedule"  # in checkpoints: the LR schedule's span, to notice a resume that changes it
 
 
 class ImageClassifier(L.LightningModule):
@@ -145,13 +147,22 @@ class ImageClassifier(L.LightningModule):
                              "saved from)") from None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A weights-only checkpoint (import-official's) cannot resume a fit: say what to do instead."""
+        """A weights-only checkpoint (import-official's) cannot resume a fit: say what to do instead.
+        Keep the checkpoint's schedule span, which configure_optimizers compares with the resumed run's."""
         if self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" not in checkpoint:
             raise ValueError(
                 f"{self.trainer.ckpt_path} holds weights only (import-official writes such files), so fit cannot "
                 "resume from it; start a run from its weights with --model.init_args.init_weights FILE instead "
                 "of --ckpt_path"
             )
+        saved = checkpoint.get(SCHEDULE_KEY)
+        self._resumed_schedule = (saved["total_steps"], saved["steps_per_epoch"], checkpoint.get("global_step", 0)) \
+            if isinstance(saved, dict) else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the LR schedule's span (optimizer steps in all, and per epoch)."""
+        if getattr(self, "_schedule", None) is not None:
+            checkpoint[SCHEDULE_KEY] = {"total_steps": self._schedule[0], "steps_per_epoch": self._schedule[1]}
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the backbone."""
@@ -236,5 +247,17 @@ class ImageClassifier(L.LightningModule):
             self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
         )
         total, per_epoch = stepping(self.trainer)
+        self._schedule = (total, per_epoch)
+        resumed = getattr(self, "_resumed_schedule", None)
+        if resumed is not None and resumed[:2] != (total, per_epoch):
+            old_total, old_per_epoch, step = resumed
+            before = hp.lr * self.lr_factor(step, old_total, old_per_epoch)
+            after = hp.lr * self.lr_factor(step, total, per_epoch)
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's LR schedule spans {old_total} optimizer steps "
+                f"({old_per_epoch} per epoch), this run's {total} ({per_epoch} per epoch): max_epochs, the data, the "
+                f"batch size or the batch limits changed. The schedule goes on over the new span from step {step}, "
+                f"so the LR moves from {before:.4g} to {after:.4g} there."
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total, per_epoch))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

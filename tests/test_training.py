@@ -243,6 +243,17 @@ def test_a_run_starts_from_init_weights_and_refuses_to_resume_from_weights_only(
                                             weights_only=False)["hyper_parameters"]
 
 
+def test_a_resume_that_changes_the_schedule_says_so(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    short = [*QUIET, "--data.init_args.image_size=8", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+             "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    fit("--config", QUICKSTART, *short, "--trainer.max_epochs=2")
+    fit("--config", QUICKSTART, *short, "--trainer.max_epochs=2", "--ckpt_path=last")  # the same span: quiet
+    assert not [w for w in recwarn if "LR schedule spans" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"the checkpoint's LR schedule spans 4 optimizer steps \(2 per epoch\), "
+                                         r"this run's 6 \(2 per epoch\).* from step 4, so the LR moves from 0 to 0\.01727 there"):
+        fit("--config", QUICKSTART, *short, "--trainer.max_epochs=3", "--ckpt_path=last")
+
+
 def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=2",

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from .analysis import _PhiStatistics, dcd_layers
@@ -176,23 +177,36 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class RestoreLoaderPosition(Callback):
-    """Give a resumed run's stateful training loader its saved position (exact mid-epoch resume).
+    """Give a resumed run's training loader its saved position (exact mid-epoch resume of stateful
+    loaders), or else the resumed epoch's order.
 
     Lightning restores a loader's state_dict when it sets up the training data after loading the
     checkpoint; but a LightningModule whose configure_optimizers asks trainer.estimated_stepping_batches
     (ours does, for the LR schedule) makes Lightning set up the data earlier, before the checkpoint
     is read, and the saved position is then never applied: the run would restart the epoch's order.
     This applies it at train start, before the first batch is drawn, and restarts the iterator.
+
+    A loader with workers also takes its first indices from the sampler when its iterator is made,
+    at that early setup, before Lightning sets the sampler's epoch; on a resume Lightning keeps that
+    iterator, so the first resumed epoch of a folder (EpochShuffleSampler) ran epoch 0's order. So
+    for loaders without a saved position, the sampler gets the resumed epoch and the iterator is
+    made again.
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
-        states = getattr(loop, "_combined_loader_states_to_load", None)
-        if not states or loop._combined_loader is None or loop._data_fetcher is None:
+        if loop._combined_loader is None or loop._data_fetcher is None:
             return
-        loop._combined_loader._load_state_dicts(states)
-        loop._combined_loader_states_to_load = []
-        iter(loop._data_fetcher)  # a new iterator that starts from the restored position
+        states = getattr(loop, "_combined_loader_states_to_load", None)
+        if states:
+            loop._combined_loader._load_state_dicts(states)
+            loop._combined_loader_states_to_load = []
+        elif trainer.ckpt_path is not None and loop.epoch_progress.current.processed > 0:
+            for loader in loop._combined_loader.flattened:
+                _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+        else:
+            return
+        iter(loop._data_fetcher)  # a new iterator: from the restored position, or of the resumed epoch
 
 
 class PhiVarianceMonitor(Callback):

@@ -176,34 +176,73 @@ class PredictionWriter(BasePredictionWriter):
               f"({', '.join(saved)})", flush=True)
 
 
+class _SkipOnce:
+    """A sampler that leaves out the first `count` indices of its next pass only (a resumed epoch's
+    batches already trained on), then passes through."""
+
+    def __init__(self, sampler: Any, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self) -> Any:
+        indices = iter(self.sampler)
+        count, self.count = self.count, 0
+        for _ in range(count):
+            next(indices, None)
+        return indices
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class RestoreLoaderPosition(Callback):
-    """Give a resumed run's training loader its saved position (exact mid-epoch resume of stateful
-    loaders), or else the resumed epoch's order.
+    """Give a resumed run's training loader the position where the run stopped (exact mid-epoch
+    resume), and the resumed epoch's order.
 
-    Lightning restores a loader's state_dict when it sets up the training data after loading the
-    checkpoint; but a LightningModule whose configure_optimizers asks trainer.estimated_stepping_batches
-    (ours does, for the LR schedule) makes Lightning set up the data earlier, before the checkpoint
-    is read, and the saved position is then never applied: the run would restart the epoch's order.
-    This applies it at train start, before the first batch is drawn, and restarts the iterator.
+    - Stateful loaders (the shards): Lightning restores a loader's state_dict when it sets up the
+      training data after loading the checkpoint; but a LightningModule whose configure_optimizers
+      asks trainer.estimated_stepping_batches (ours does, for the LR schedule) makes Lightning set
+      up the data earlier, before the checkpoint is read, and the saved position is then never
+      applied. This applies it at train start, before the first batch is drawn.
+    - Other loaders (folders, digits) keep no position. A run resumed mid-epoch leaves the batches
+      that Lightning's restored progress counts as finished out of the epoch's first pass (the
+      loader's batch sampler skips their indices), so it goes on with the batches it had not seen.
+    - A loader with workers takes its first indices from the sampler when its iterator is made, at
+      that early setup, before Lightning sets the sampler's epoch, and Lightning keeps that iterator
+      on a resume: the first resumed epoch would run epoch 0's order. So those loaders' samplers get
+      the resumed epoch here.
 
-    A loader with workers also takes its first indices from the sampler when its iterator is made,
-    at that early setup, before Lightning sets the sampler's epoch; on a resume Lightning keeps that
-    iterator, so the first resumed epoch of a folder (EpochShuffleSampler) ran epoch 0's order. So
-    for loaders without a saved position, the sampler gets the resumed epoch and the iterator is
-    made again.
+    In each case the iterator is then made again.
     """
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def _batches_done(trainer: L.Trainer) -> int:
+        """Training batches of the resumed epoch finished before the stop, as Lightning's epoch loop
+        will count them when it resets (0 unless the run resumed mid-epoch)."""
         loop = trainer.fit_loop
+        if not getattr(loop, "restarted_mid_epoch", False):  # (Lightning versions without restart stages: 0)
+            return 0
+        epoch_loop = loop.epoch_loop
+        # a stop in on_train_batch_end: Lightning counts that batch as finished when it resets
+        finished = int(getattr(epoch_loop, "restarted_on_train_batch_end", False))
+        done = epoch_loop.batch_progress.current.completed + finished
+        return done if done < trainer.num_training_batches else 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the saved position, or skip the finished batches, and the epoch; restart the iterator."""
+        loop = trainer.fit_loop
+        done = self._batches_done(trainer)
         if loop._combined_loader is None or loop._data_fetcher is None:
             return
         states = getattr(loop, "_combined_loader_states_to_load", None)
         if states:
             loop._combined_loader._load_state_dicts(states)
             loop._combined_loader_states_to_load = []
-        elif trainer.ckpt_path is not None and loop.epoch_progress.current.processed > 0:
+        elif trainer.ckpt_path is not None and (done or loop.epoch_progress.current.processed > 0):
             for loader in loop._combined_loader.flattened:
                 _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+                batches = getattr(loader, "batch_sampler", None)
+                if done and batches is not None and getattr(batches, "batch_size", None):
+                    batches.sampler = _SkipOnce(batches.sampler, done * batches.batch_size)
         else:
             return
         iter(loop._data_fetcher)  # a new iterator: from the restored position, or of the resumed epoch

@@ -124,13 +124,21 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, workers: int) -> No
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 9
 
 
-def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
-    _interrupted_fit(*RESUME_ARGS, f"--trainer.default_root_dir={tmp_path}",
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_mid_epoch_resumes_with_the_batches_not_yet_seen(tmp_path: Path, workers: int) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [*RESUME_ARGS, f"--data.init_args.num_workers={workers}"]
+    fit(*args, f"--trainer.default_root_dir={straight}")
+    _interrupted_fit(*args, f"--trainer.default_root_dir={resumed}",
                      "--trainer.callbacks+=_training_helpers.InterruptAtStep", "--trainer.callbacks.step=4")
-    stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    stopped = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     assert (stopped["epoch"], stopped["global_step"]) == (1, 4)
-    fit(*RESUME_ARGS, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+    fit(*args, f"--trainer.default_root_dir={resumed}", "--ckpt_path=last")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 9
+    for key, value in a["state_dict"].items():  # the same batches in the same order: the same weights
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:

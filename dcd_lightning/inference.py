@@ -21,10 +21,14 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
     forward() uses under torch.no_grad() or torch.inference_mode(); one sample of a 1x1 layer runs
     as a few small matrix products and one convolution. With `fold_batch_norms` (default) every
     BatchNorm2d that directly follows a convolution is folded into it as well, in static
-    convolutions (as torch.nn.utils.fusion does) and in DCD layers alike; that changes the model's
-    structure, so the model is copied first and the argument is left as it was. Call it again after
-    changing the weights; .train() on the result drops the DCD folds (its folded batch norms stay
-    folded: train the original).
+    convolutions (as torch.nn.utils.fusion does) and in DCD layers alike: consecutive entries of an
+    nn.Sequential, and the convN / bnN pairs of the ResNet blocks known to apply bnN right after
+    convN (this package's and torchvision's); another class's convN / bnN are left alone, as their
+    order is unknown. That changes the model's structure, so the model is copied first and the
+    argument is left as it was (with fold_batch_norms=False the argument itself is put in eval mode
+    and returned). Call it again after changing the weights. The result is for inference only:
+    .train() on it drops the DCD folds, but its folded batch norms stay folded and a training step
+    through DCD layers that absorbed a batch norm fails in backward; train the original.
 
     With `native` (default), a folded layer given one sample on the CPU runs its branch and kernel
     formation in one call of a small C kernel (ops/_native.c, compiled on first use with the
@@ -101,12 +105,29 @@ def _plain_layers_in_c(model: nn.Module) -> None:
             _plain_layers_in_c(child)
 
 
+def _blocks_with_named_pairs() -> tuple[type, ...]:
+    """Module classes whose forward applies each bnN right after convN (theirs, as the code reads):
+    this package's ResNets (stem and blocks) and torchvision's ResNet blocks. A name alone says
+    nothing about the order (a pre-activation block runs bn1 before conv1), so no other class's
+    convN / bnN are folded."""
+    from .models.resnet import BasicBlock, Bottleneck, ResNet
+
+    blocks: tuple[type, ...] = (BasicBlock, Bottleneck, ResNet)
+    try:
+        from torchvision.models import resnet as tv
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return blocks
+    return (*blocks, tv.BasicBlock, tv.Bottleneck, tv.ResNet)
+
+
 def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     """(convolution, batch norm) child names that run one after the other: consecutive entries of
-    an nn.Sequential, and the convN / bnN attributes of residual blocks."""
+    an nn.Sequential, and the convN / bnN attributes of the ResNet blocks that run them in that order."""
     names = list(parent._modules)
     if isinstance(parent, nn.Sequential):
         return list(itertools.pairwise(names))
+    if type(parent) not in _blocks_with_named_pairs():
+        return []
     return [(name, "bn" + name[4:]) for name in names if name.startswith("conv") and "bn" + name[4:] in names]
 
 

@@ -356,6 +356,38 @@ def test_optimize_for_inference_inside_inference_mode() -> None:
         assert torch.equal(inside(image), outside(image))
 
 
+class _PreActivation(nn.Module):
+    """bn1 runs before conv1: names alone must not make them a pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.conv1(torch.relu(self.bn1(x)))))
+
+
+def test_optimize_for_inference_folds_only_pairs_whose_order_it_knows() -> None:
+    import torchvision
+
+    generator = torch.Generator().manual_seed(0)
+    for model in (_PreActivation(), torchvision.models.resnet18(num_classes=5)):
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.normal_(generator=generator)
+            norm.running_var.uniform_(0.5, 2.0, generator=generator)
+            norm.weight.data.uniform_(0.5, 2.0, generator=generator)
+        model = model.double().eval()
+        images = torch.randn(2, 3 if isinstance(model, torchvision.models.ResNet) else 4, 32, 32, dtype=torch.float64,
+                             generator=generator)
+        optimized = optimize_for_inference(model)
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(images), model(images), rtol=1e-9, atol=1e-9)
+        folded = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - sum(
+            isinstance(m, nn.BatchNorm2d) for m in optimized.modules())
+        assert folded == (20 if isinstance(model, torchvision.models.ResNet) else 0)  # (unknown class: none)
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_static", "resnet10_dcd", "resnet18_dcd_joint",
                                   "mobilenetv2_x0.5_dyconv"])
 def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None:

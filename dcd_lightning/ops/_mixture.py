@@ -11,6 +11,7 @@ from ._common import (
     check_conv_args,
     check_input,
     check_int,
+    check_odd_kernel,
     exporting,
     in_layout_of,
     init_fan_out,
@@ -47,6 +48,7 @@ class MixtureConv2d(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_conv_args(name, in_channels, out_channels, kernel_size, stride, groups)
+        check_odd_kernel(name, kernel_size, "same padding")
         check_int(name, kernel_arg, num_kernels)
         check_choice(name, "mixing", mixing, ("auto", "kernel", "output"))
         self.in_channels = in_channels

@@ -109,6 +109,8 @@ class DCDConv2d(nn.Module):
                 f"{name}: channel_attention=False with channel_fusion=False is a static convolution; "
                 "use StaticConv2d, or switch one of them on"
             )
+        if not channel_fusion:
+            check_odd_kernel(name, kernel_size, "same padding")
         if channel_fusion and fusion == "channel":
             check_odd_kernel(name, kernel_size, "the 1x1 dynamic residual at the centre tap")
             if in_channels % num_blocks or out_channels % num_blocks:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _folded, _native
-from ._common import check_conv_args, check_input, check_int
+from ._common import check_conv_args, check_input, check_int, check_odd_kernel
 
 
 class StaticConv2d(nn.Conv2d):
@@ -24,7 +24,8 @@ class StaticConv2d(nn.Conv2d):
     ) -> None:
         name = type(self).__name__
         check_conv_args(name, in_channels, out_channels, kernel_size, stride, groups)
-        if padding is None:
+        if padding is None:  # "same" padding (an even kernel needs an explicit padding)
+            check_odd_kernel(name, kernel_size, "same padding (padding=None)")
             padding = kernel_size // 2
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias

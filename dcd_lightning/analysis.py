@@ -174,20 +174,19 @@ def load_runs(folder: str | Path, keys: list[str] | None = None) -> Any:
         config = _flatten(yaml.safe_load(config_path.read_text()) or {})
         run = (str(config.get("trainer.default_root_dir")), str(config_path.parent.parent))
         parts.setdefault(run, []).append((config, history, config_path.parent))
-    rows, configs = [], []
+    rows, configs, histories = [], [], []
     for pieces in parts.values():
         pieces.sort(key=lambda piece: (piece[1].index.min() if len(piece[1]) else -1, piece[2].stat().st_mtime))
-        for config, history, path in pieces:
-            if config.get("ckpt_path") is not None and rows and rows[-1]["_group"] is pieces:
-                rows[-1]["_history"].append(history)  # resumed: the same run goes on
+        for index, (config, history, path) in enumerate(pieces):
+            if index and config.get("ckpt_path") is not None:  # resumed: the same run goes on
+                histories[-1].append(history)
                 configs[-1] = config
                 continue
-            rows.append({"_group": pieces, "_history": [history], "run": str(path), "name": path.parent.name})
+            rows.append({"run": str(path), "name": path.parent.name})
             configs.append(config)
-    for row in rows:
-        history = pd.concat(row.pop("_history"))
-        history = history.groupby(level=0).last()  # a mid-epoch resume logs that epoch again
-        row.pop("_group")
+            histories.append([history])
+    for row, parts_of_run in zip(rows, histories):
+        history = pd.concat(parts_of_run).groupby(level=0).last()  # a mid-epoch resume logs that epoch again
         val = history["val/acc1"].dropna() if "val/acc1" in history else pd.Series(dtype=float)
         row.update({
             "val/acc1_best": float(val.max()) if len(val) else float("nan"),

@@ -84,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--folder", help="an existing ImageFolder tree to read instead of a generated one")
     args = parser.parse_args(argv)
+    sizes = None  # of the training images, in bytes
     if args.folder:
         train = Path(args.folder) / "train"
         if not train.is_dir() or not (Path(args.folder) / "val").is_dir():
             parser.error(f"--folder {args.folder}: expected an ImageFolder tree with train/ and val/ class folders")
-        args.images = sum(1 for path in train.rglob("*") if path.is_file())
+        sizes = [path.stat().st_size for path in train.rglob("*") if path.is_file()]
+        args.images = len(sizes)
     if args.images < 2 * args.batch_size:
         given = f"--folder's {args.images} training images give" if args.folder else f"--images {args.images} gives"
         parser.error(f"{given} fewer than 2 batches of {args.batch_size}; the first batch is not timed, so use "
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         shards = str(Path(scratch) / "shards")
         make_shards(folder, shards, workers=max(workers))
         classes = len([p for p in (folder / "train").iterdir() if p.is_dir()])
-        sizes = [p.stat().st_size for p in (folder / "train").rglob("*") if p.is_file()]
+        if sizes is None:
+            sizes = [p.stat().st_size for p in (folder / "train").rglob("*") if p.is_file()]
         print(f"machine: {machine()}\n\n{args.images} training images from {'--folder' if args.folder else 'the generator'}"
               f" (mean {np.mean(sizes) / 1024:.0f} KB), "
               f"batch {args.batch_size}, train transforms at 224\n")

@@ -129,7 +129,6 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start empty (a second predict call writes its own file)."""
         self._rows = {"probabilities": [], "targets": [], "index": []}
-        self._index_known = True
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
@@ -144,8 +143,6 @@ class PredictionWriter(BasePredictionWriter):
             self._rows["index"].append(torch.as_tensor(batch[2]).cpu())
         elif batch_indices is not None and len(batch_indices) == rows:
             self._rows["index"].append(torch.as_tensor(list(batch_indices)))
-        else:
-            self._index_known = False
 
     def destination(self, trainer: L.Trainer) -> Path:
         """The file this process writes."""
@@ -161,8 +158,8 @@ class PredictionWriter(BasePredictionWriter):
             return
         saved: dict[str, Any] = {"probabilities": torch.cat(rows["probabilities"])}
         count = len(saved["probabilities"])
-        for key in ("targets", "index"):
-            if rows[key] and (key != "index" or self._index_known):
+        for key in ("targets", "index"):  # kept where every batch gave them (a batch without falls short)
+            if rows[key]:
                 values = torch.cat(rows[key])
                 if len(values) == count:
                     saved[key] = values

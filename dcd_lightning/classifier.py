@@ -14,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .models.weights import checkpoint_model_weights
+
 
 def mix_batch(
     images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None
@@ -135,7 +137,7 @@ class ImageClassifier(L.LightningModule):
             return
         state = torch.load(self.init_weights, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+            state = checkpoint_model_weights(state["state_dict"])
         if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(f"{type(self).__name__}: init_weights={self.init_weights!r} holds no weights; expected a "
                              "checkpoint of fit or import-official, or a state dict of the backbone")

@@ -140,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             parser.error(f"--checkpoint {args.checkpoint}: no such file; expected a .ckpt written by `fit`")
+        from .models.weights import checkpoint_model_weights
+
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        weights = checkpoint_model_weights(state)
         if not weights:
             parser.error(f"{args.checkpoint} holds no 'model.*' weights; expected a checkpoint of `fit`")
         try:

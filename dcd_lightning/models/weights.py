@@ -110,6 +110,12 @@ def _candidates(keys: set[str]) -> list[str]:
     return ["resnet18_dcd", "resnet10_dcd"]
 
 
+def checkpoint_model_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's weights in the state dict of a checkpoint of `fit` or `import-official`: its
+    `model.*` entries without the prefix ({} where it has none)."""
+    return {key.removeprefix("model."): value for key, value in state_dict.items() if key.startswith("model.")}
+
+
 def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The state dict of an official checkpoint file (with or without its `state_dict` wrapper)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)

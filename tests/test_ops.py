@@ -509,11 +509,35 @@ def test_batch_size_one_with_latent_norm_and_nothing_to_normalise_says_why() -> 
         (lambda: DyConv2d(CIN, COUT, num_kernels=-2), r"DyConv2d: num_kernels=-2"),
         (lambda: CondConv2d(CIN, COUT, groups=5), r"CondConv2d: groups=5 must divide"),
         (lambda: StaticConv2d(CIN, COUT, stride=0), r"StaticConv2d: stride=0"),
+        # zero is not taken as "the default"
+        (lambda: DCDConv2d(CIN, COUT, 3, fusion="joint", kernel_latent_dim=0), r"DCDConv2d: kernel_latent_dim=0 .*>= 1"),
+        (lambda: DCDDepthwiseConv2d(CIN, CIN, 3, kernel_latent_dim=0), r"DCDDepthwiseConv2d: kernel_latent_dim=0 .*>= 1"),
+        (lambda: DCDDepthwiseConv2d(CIN, CIN, 3, kernel_latent_dim=9), r"kernel_latent_dim=9 .*1 <= L_k < k\^2 = 9"),
+        (lambda: DCDReleaseConv2d(CIN, COUT, pool_size=0), r"DCDReleaseConv2d: pool_size=0 .*>= 1"),
+        (lambda: DCDReleaseConv2d(CIN, COUT, fc_squeeze=0), r"DCDReleaseConv2d: fc_squeeze=0 .*>= 1"),
+        (lambda: DCDReleaseConv2d(CIN, COUT, fc_squeeze=-1), r"DCDReleaseConv2d: fc_squeeze=-1 .*>= 1"),
+        # a multiplier that takes L past the channels it mixes is named, with the largest allowed
+        (lambda: DCDConv2d(CIN, COUT, latent_mult=9), (r"DCDConv2d: latent_mult=9 gives a latent size of 27, more than "
+         r"the wider side's channels \(24\); use latent_mult <= 8")),
+        (lambda: DCDConv2d(CIN, COUT, latent_mult=1e6, num_blocks=2), r"latent_mult=1000000.0 gives .*channels per block \(12\)"),
+        (lambda: DCDConv2d(CIN, COUT, 3, fusion="joint", latent_mult=100), r"DCDConv2d: latent_mult=100 gives"),
+        (lambda: DCDReleaseConv2d(CIN, COUT, latent_mult=30), r"DCDReleaseConv2d: latent_mult=30 gives .*\(24\)"),
+        (lambda: DCDDepthwiseConv2d(CIN, CIN, 3, latent_mult=2.5), (r"DCDDepthwiseConv2d: latent_mult=2.5 gives a latent "
+         r"size of 10, more than k\^2 - 1.*\(8\); use latent_mult <= 2")),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_operator_and_value(build, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         build()
+
+
+def test_latent_mult_up_to_the_channel_count_builds() -> None:
+    """The bound on latent_mult refuses only what passes the channels: x8 gives L = 24 = max(C_in, C_out)."""
+    assert DCDConv2d(CIN, COUT, latent_mult=8).latent_dim == 24
+    assert DCDDepthwiseConv2d(CIN, CIN, 3, latent_mult=2).kernel_latent_dim == 8
+    assert DCDConv2d(CIN, COUT, 3, fusion="joint", kernel_latent_dim=1).kernel_latent_dim == 1
+    # the release's floor of 4 stands above a block's 2 channels, as the release builds it
+    assert DCDReleaseConv2d(8, 8, num_blocks=4).latent_dim == 4
 
 
 @pytest.mark.parametrize("name", sorted(CONV_VARIANTS))

@@ -88,6 +88,21 @@ def scale_latent(base: int, latent_mult: float) -> int:
     return max(1, int(base * latent_mult + 0.5))
 
 
+def scaled_latent(op: str, base: int, latent_mult: float, limit: int, what: str) -> int:
+    """`scale_latent`, refused where a multiplier above 1 takes the size past `limit` (`what` names it).
+
+    A latent space wider than the channels it mixes adds parameters and time, not rank; a default
+    that is already above the limit (the release's minimum of 4) is left to stand.
+    """
+    latent = scale_latent(base, latent_mult)
+    if latent > max(base, limit):
+        raise ValueError(
+            f"{op}: latent_mult={latent_mult} gives a latent size of {latent}, more than {what} ({limit}); "
+            f"use latent_mult <= {limit / base:.4g}"
+        )
+    return latent
+
+
 def hard_sigmoid(x: Tensor) -> Tensor:
     """relu6(x + 3) / 6, exact in float64 on every device (F.hardsigmoid's CUDA kernel multiplies by a
     float32 1/6 in every dtype: a relative error of ~4e-8 in float64). While jit.trace records (the

@@ -33,7 +33,7 @@ from ._common import (
     pool_input,
     reshape_dims,
     running_affine,
-    scale_latent,
+    scaled_latent,
 )
 from ._folded import VERSION, FoldedDCD, place_blocks
 
@@ -104,6 +104,8 @@ class DCDConv2d(nn.Module):
             check_int(name, "latent_dim", latent_dim)
         if branch_hidden is not None:
             check_int(name, "branch_hidden", branch_hidden)
+        if kernel_latent_dim is not None:
+            check_int(name, "kernel_latent_dim", kernel_latent_dim)
         if not (channel_attention or channel_fusion):
             raise ValueError(
                 f"{name}: channel_attention=False with channel_fusion=False is a static convolution; "
@@ -154,8 +156,12 @@ class DCDConv2d(nn.Module):
         fusion_size = 0
         if channel_fusion and fusion == "channel":
             # each of the B diagonal blocks is sized as a layer of its own, with C / B channels
-            self.latent_dim = latent_dim or scale_latent(
-                latent_dim_rule(wider // num_blocks, latent_rule), latent_mult
+            self.latent_dim = latent_dim or scaled_latent(
+                name,
+                latent_dim_rule(wider // num_blocks, latent_rule),
+                latent_mult,
+                wider // num_blocks,
+                "the wider side's channels" + (" per block" if num_blocks > 1 else ""),
             )
             fusion_size = num_blocks * self.latent_dim**2
             # Q: compresses each block's inputs, shape (B * L, C_in / B); P: (C_out, L).
@@ -165,14 +171,18 @@ class DCDConv2d(nn.Module):
             self.expand = nn.Parameter(torch.empty(out_channels, self.latent_dim))
         elif channel_fusion:
             elements = kernel_size * kernel_size
-            self.kernel_latent_dim = kernel_latent_dim or elements // 2
-            if not 1 <= self.kernel_latent_dim < elements:
+            self.kernel_latent_dim = elements // 2 if kernel_latent_dim is None else kernel_latent_dim
+            if self.kernel_latent_dim >= elements:
                 raise ValueError(
                     f"{name}: kernel_latent_dim={kernel_latent_dim} is not allowed; "
                     f"expected 1 <= L_k < k^2 = {elements}"
                 )
-            self.latent_dim = latent_dim or scale_latent(
-                latent_dim_rule(max(1, wider // self.kernel_latent_dim), latent_rule), latent_mult
+            self.latent_dim = latent_dim or scaled_latent(
+                name,
+                latent_dim_rule(max(1, wider // self.kernel_latent_dim), latent_rule),
+                latent_mult,
+                wider,
+                "the wider side's channels",
             )
             fusion_size = self.latent_dim**2 * self.kernel_latent_dim
             self.compress = nn.Parameter(torch.empty(self.latent_dim, in_channels))

@@ -24,7 +24,7 @@ from ._common import (
     per_sample_conv,
     pool_input,
     reshape_dims,
-    scale_latent,
+    scaled_latent,
 )
 
 
@@ -93,13 +93,19 @@ class DCDDepthwiseConv2d(nn.Module):
         self.channel_attention = channel_attention
         self.channel_fusion = channel_fusion
         self.kernel_latent_dim = 0
+        if kernel_latent_dim is not None:
+            check_int(name, "kernel_latent_dim", kernel_latent_dim)
         if channel_fusion:
-            self.kernel_latent_dim = kernel_latent_dim or scale_latent(elements // 2, latent_mult)
-            if not 1 <= self.kernel_latent_dim < elements:
+            if kernel_latent_dim is None:
+                kernel_latent_dim = scaled_latent(
+                    name, elements // 2, latent_mult, elements - 1, "k^2 - 1, the kernel elements less one"
+                )
+            elif kernel_latent_dim >= elements:
                 raise ValueError(
-                    f"{name}: kernel_latent_dim={self.kernel_latent_dim} is not allowed; "
+                    f"{name}: kernel_latent_dim={kernel_latent_dim} is not allowed; "
                     f"expected 1 <= L_k < k^2 = {elements}"
                 )
+            self.kernel_latent_dim = kernel_latent_dim
             self.expand = nn.Parameter(torch.empty(in_channels, self.kernel_latent_dim))
             self.kernel_basis = nn.Parameter(torch.empty(elements, self.kernel_latent_dim))
         self.weight = nn.Parameter(torch.empty(in_channels, 1, kernel_size, kernel_size))

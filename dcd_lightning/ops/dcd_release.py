@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ._common import Route, check_int, check_positive, scale_latent
+from ._common import Route, check_int, check_positive, scaled_latent
 from .dcd_conv import DCDConv2d
 from .dcd_linear import DCDLinear
 
@@ -26,6 +26,7 @@ def release_sizes(
     mobilenetv2: DYModule; resnet_basic: the 3x3 convs of BasicBlock (conv_basic_dy);
     resnet_bottleneck: the convs of Bottleneck (conv_dy). `fc_squeeze` only applies to mobilenetv2.
     """
+    check_int("release_sizes", "fc_squeeze", fc_squeeze)
     if layout == "mobilenetv2":
         expanding = in_channels < out_channels
         mult, reduction, pool = (4, 8, 2) if expanding else (1, 2, 1)
@@ -78,16 +79,22 @@ class DCDReleaseConv2d(DCDConv2d):
         route: Route = "auto",
     ) -> None:
         check_positive(type(self).__name__, "latent_mult", latent_mult)
-        check_int(type(self).__name__, "num_blocks", num_blocks)
+        name = type(self).__name__
+        check_int(name, "num_blocks", num_blocks)
+        check_int(name, "fc_squeeze", fc_squeeze)
+        if pool_size is not None:
+            check_int(name, "pool_size", pool_size)
         _, hidden, pool = release_sizes(in_channels, out_channels, layout, fc_squeeze)
         if in_channels % num_blocks or out_channels % num_blocks:
             raise ValueError(
-                f"{type(self).__name__}: num_blocks={num_blocks} must divide in_channels={in_channels} and "
+                f"{name}: num_blocks={num_blocks} must divide in_channels={in_channels} and "
                 f"out_channels={out_channels}; choose a common divisor"
             )
         # each diagonal block is sized as a layer of its own (C_in / B -> C_out / B)
         block_latent = release_sizes(in_channels // num_blocks, out_channels // num_blocks, layout, fc_squeeze)[0]
-        latent = scale_latent(block_latent, latent_mult)
+        wider = max(in_channels, out_channels) // num_blocks
+        per_block = " per block" if num_blocks > 1 else ""
+        latent = scaled_latent(name, block_latent, latent_mult, wider, f"the wider side's channels{per_block}")
         super().__init__(
             in_channels,
             out_channels,
@@ -99,7 +106,7 @@ class DCDReleaseConv2d(DCDConv2d):
             num_blocks=num_blocks,
             latent_dim=latent,
             branch_hidden=hidden,
-            pool_size=pool_size or pool,
+            pool_size=pool if pool_size is None else pool_size,
             gate="hard_sigmoid",
             squeeze_excite=True,
             latent_norm=True,

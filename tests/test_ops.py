@@ -48,6 +48,10 @@ CONV_VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "dcd_3x3_joint": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, fusion="joint", latent_dim=3),
     "dcd_3x3_joint_no_attention": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, fusion="joint", latent_dim=3, channel_attention=False),
     "dcd_3x3_latent_norm_activations": lambda s: DCDConv2d(CIN, COUT, 3, s, reduction=2, latent_norm=True, route="activations"),
+    # L = 1: the latent map (N, 1, H, W) is NCHW and channels-last at once
+    "dcd_3x3_latent_1_norm_activations": lambda s: DCDConv2d(
+        CIN, COUT, 3, s, reduction=2, latent_dim=1, latent_norm=True, route="activations"
+    ),
     "release_mobilenetv2_expand_activations": lambda s: DCDReleaseConv2d(CIN, COUT, 1, s, route="activations"),
     "release_mobilenetv2_expand_kernel": lambda s: DCDReleaseConv2d(CIN, COUT, 1, s, route="kernel"),
     "release_mobilenetv2_project": lambda s: DCDReleaseConv2d(CIN, CIN // 2, 1, s, route="activations"),
@@ -556,6 +560,23 @@ def test_wrong_input_rank_or_channels_is_rejected(name: str) -> None:
             folded(torch.randn(1, CIN - 1, 5, 5))
         with pytest.raises(ValueError, match=rf"{op_name}: expected a 4-d input .*got shape \(16, 5, 5\)"):
             folded(torch.randn(CIN, 5, 5))
+
+
+@pytest.mark.parametrize("name", sorted(CONV_VARIANTS) + sorted(LINEAR_VARIANTS))
+def test_empty_batch_gives_empty_output(name: str) -> None:
+    """N = 0 gives (0, C_out, H', W') as nn.Conv2d does, in training, eval and folded; kernel routes
+    fold the batch into convolution groups, which cannot be 0."""
+    linear = name in LINEAR_VARIANTS
+    op = LINEAR_VARIANTS[name]() if linear else CONV_VARIANTS[name](2)
+    shape = (CIN,) if linear else (CIN, 5, 5)
+    with torch.no_grad():
+        expected = op.eval()(torch.randn(1, *shape)).shape[1:]
+        folded = optimize_for_inference(copy.deepcopy(op))
+        # a latent batch norm in training refuses a batch without two values per channel
+        training = [False] if getattr(op, "latent_norm_in", None) is not None else [True, False]
+        for mode in training:
+            assert op.train(mode)(torch.randn(0, *shape)).shape == (0, *expected)
+        assert folded(torch.randn(0, *shape)).shape == (0, *expected)
 
 
 @pytest.mark.parametrize("name", sorted(LINEAR_VARIANTS))

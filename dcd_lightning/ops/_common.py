@@ -355,6 +355,22 @@ def _cell_weights(size: int, cells: int, dtype: torch.dtype, device: torch.devic
     return inside.to(dtype) / (end - start).to(dtype)
 
 
+def grouped_sample_conv(
+    x: Tensor, kernels: Tensor, bias: Tensor | None, out_channels: int, stride: int, padding: int, groups: int
+) -> Tensor:
+    """Every sample's own kernels in one convolution, the batch folded into its groups: x (N, C_in, H,
+    W), kernels (N C_out, C_in / groups, k, k), bias (N C_out) or None; the output (N, C_out, H', W')
+    in x's memory format. An empty batch gives an empty output, as nn.Conv2d does (a convolution
+    cannot have 0 groups)."""
+    n, c_in, h, w = x.shape
+    if n == 0:
+        k = kernels.shape[-1]
+        size = ((h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1)
+        return in_layout_of(x.new_empty(0, out_channels, *size), x)
+    out = F.conv2d(x.reshape(1, n * c_in, h, w), kernels, bias, stride, padding, groups=n * groups)
+    return in_layout_of(out.view(n, out_channels, out.shape[-2], out.shape[-1]), x)
+
+
 def per_sample_conv(
     x: Tensor, kernels: Tensor, biases: Tensor | None, stride: int, padding: int, groups: int
 ) -> Tensor:

@@ -13,6 +13,7 @@ from ._common import (
     check_int,
     check_odd_kernel,
     exporting,
+    grouped_sample_conv,
     in_layout_of,
     init_fan_out,
     linear_madds,
@@ -127,20 +128,12 @@ class MixtureConv2d(nn.Module):
         return x.shape[0] >= self.num_kernels * h_out * w_out
 
     def _forward_kernel_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
-        n, _, h, w = x.shape
+        n = x.shape[0]
         kernels = (weights @ self.weight.reshape(self.num_kernels, -1)).view(
             n * self.out_channels, self.in_channels // self.groups, self.kernel_size, self.kernel_size
         )
         bias = None if self.bias is None else (weights @ self.bias).view(-1)
-        out = F.conv2d(
-            x.reshape(1, n * self.in_channels, h, w),
-            kernels,
-            bias,
-            self.stride,
-            self.padding,
-            groups=n * self.groups,
-        )
-        return in_layout_of(out.view(n, self.out_channels, out.shape[-2], out.shape[-1]), x)
+        return grouped_sample_conv(x, kernels, bias, self.out_channels, self.stride, self.padding, self.groups)
 
     def _forward_output_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
         n, groups, k = reshape_dims(x)[0], self.groups, self.num_kernels

@@ -23,6 +23,7 @@ from ._common import (
     check_int,
     check_odd_kernel,
     check_positive,
+    in_layout_of,
     init_fan_out,
     latent_batch_norm,
     latent_dim_rule,
@@ -409,9 +410,11 @@ class DCDConv2d(nn.Module):
                 and not torch.jit.is_tracing()
             ):
                 return folded.one_sample_native(x)
-            return folded.forward(x)
+            return in_layout_of(folded.forward(x), x)
         self._check(x)
-        out = self._forward_plain(x)
+        # in x's layout: with a latent size of 1 the latent map (N, 1, H, W) is NCHW and
+        # channels-last at once, and the convolution after it takes NCHW
+        out = in_layout_of(self._forward_plain(x), x)
         return out if self.output_norm is None else self.output_norm(out)
 
     def _forward_plain(self, x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from ._common import (
     check_odd_kernel,
     check_positive,
     exporting,
-    in_layout_of,
+    grouped_sample_conv,
     init_fan_out,
     linear_madds,
     output_size,
@@ -180,19 +180,19 @@ class DCDDepthwiseConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the dynamic depthwise convolution to `x` of shape (N, C, H, W)."""
         check_input(type(self).__name__, x, 4, self.in_channels)
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         if (self.route == "activations" and self.channel_fusion) or exporting():
             return self._forward_activations(x)
         kernels, bias = self.sample_kernels(x)
-        out = F.conv2d(
-            x.reshape(1, n * c, h, w),
+        return grouped_sample_conv(
+            x,
             kernels.reshape(n * c, 1, self.kernel_size, self.kernel_size),
             None if bias is None else bias.reshape(-1),
+            c,
             self.stride,
             self.padding,
-            groups=n * c,
+            c,
         )
-        return in_layout_of(out.view(n, c, out.shape[-2], out.shape[-1]), x)
 
     def _forward_activations(self, x: Tensor) -> Tensor:
         """Static depthwise conv plus R's basis kernels applied to every channel, then mixed

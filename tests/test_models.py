@@ -74,6 +74,21 @@ def test_warm_start_loads_static_parts_and_reports_new_keys() -> None:
     assert "conv1.weight" in report.loaded and "bn1.weight" in report.loaded
 
 
+def test_warm_start_reads_wrapped_keys_and_refuses_a_dict_that_loads_nothing() -> None:
+    theirs = torchvision.models.resnet18().state_dict()
+    wrapped = {f"model.module.{key}": value for key, value in theirs.items()}  # DDP inside a LightningModule
+    ours = create_model("resnet18_dcd")
+    report = warm_start(ours, wrapped)
+    assert "layer1.0.conv1.weight" in report.loaded and not report.unused
+    assert torch.equal(ours.layer1[0].conv1.weight, theirs["layer1.0.conv1.weight"])
+    with pytest.raises(ValueError, match=r"warm_start: none of the state dict's 2 tensors fits.*'backbone\.a'.*'conv1\.weight'"):
+        warm_start(ours, {"backbone.a": torch.zeros(1), "backbone.b": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"warm_start: none of .* tensors fits"):  # another model altogether
+        warm_start(ours, torchvision.models.mobilenet_v2().state_dict())
+    with pytest.raises(ValueError, match=r"warm_start: state_dict must be a dict of tensors .*'state_dict'"):
+        warm_start(ours, {"state_dict": wrapped, "epoch": 3})
+
+
 def test_registry_has_every_table4_name_and_builds_with_overrides() -> None:
     names = list_models()
     assert set(TABLE4_NAMES) <= set(names)
@@ -98,6 +113,15 @@ def test_small_input_backbones() -> None:
     assert MobileNetV2(num_classes=10, width_mult=0.5, small_input=True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="ResNet: depth=20 is not allowed"):
         ResNet(depth=20)
+
+
+@pytest.mark.parametrize("name", ["resnet18_dcd", "mobilenetv2_x0.5_dcd"])
+@pytest.mark.parametrize(("argument", "value"), [("num_classes", 0), ("num_classes", 2.5), ("in_chans", 0)])
+def test_backbone_sizes_are_checked_by_name(name: str, argument: str, value: object) -> None:
+    """The backbone names what it was given, not the classifier's or stem's derived argument."""
+    backbone = "ResNet" if name.startswith("resnet") else "MobileNetV2"
+    with pytest.raises(ValueError, match=rf"{backbone}: {argument}={value} is not allowed; expected an integer >= 1"):
+        create_model(name, **{argument: value})
 
 
 # -- the official release -------------------------------------------------------------------
@@ -141,6 +165,12 @@ def test_official_checkpoint_of_another_architecture_names_the_keys(tmp_path: Pa
     with pytest.raises(ValueError, match=r"(?s)fits none of.*features\.5\.conv\.6\.fc_phi\.weight: shape \(7, 3\)"
                                          r".*classifier\.1\.compress: missing from the checkpoint"):
         dcd_lightning.load_official_checkpoint(tmp_path / "other.pth")
+
+
+def test_a_static_checkpoint_is_not_taken_for_an_official_one(tmp_path: Path) -> None:
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match=r"has no layer of the release's DCD .*torchvision state dict.*warm_start"):
+        dcd_lightning.load_official_checkpoint(tmp_path / "resnet18.pth")
 
 
 def test_import_official_writes_a_checkpoint_the_lightning_module_loads(tmp_path: Path) -> None:

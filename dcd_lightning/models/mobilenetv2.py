@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
+from ..ops._common import check_int
 
 ConvFactory = Callable[[int, int], nn.Module]
 
@@ -90,6 +91,8 @@ class MobileNetV2(nn.Module):
         in_chans: int = 3,
     ) -> None:
         super().__init__()
+        check_int("MobileNetV2", "num_classes", num_classes)
+        check_int("MobileNetV2", "in_chans", in_chans)
         if width_mult <= 0:
             raise ValueError(f"MobileNetV2: width_mult={width_mult} is not allowed; expected a number > 0")
         if not 0.0 <= dropout < 1.0:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
+from ..ops._common import check_int
 from ..ops.pooling import MaxPool2d
 
 ConvFactory = Callable[[int, int], nn.Module]
@@ -88,6 +89,8 @@ class ResNet(nn.Module):
         in_chans: int = 3,
     ) -> None:
         super().__init__()
+        check_int("ResNet", "num_classes", num_classes)
+        check_int("ResNet", "in_chans", in_chans)
         if depth not in DEPTHS:
             raise ValueError(f"ResNet: depth={depth} is not allowed; expected one of {sorted(DEPTHS)}")
         if not 0.0 <= dropout < 1.0:

@@ -32,10 +32,25 @@ class LoadReport:
                 f"{len(self.mismatched)} of another shape; {len(self.unused)} unused")
 
 
+WRAPPER_PREFIXES = ("module.", "model.")  # DDP / DataParallel; a LightningModule holding the backbone
+
+
 def warm_start(model: nn.Module, state_dict: dict[str, Tensor]) -> LoadReport:
     """Load every tensor of `state_dict` whose key and shape the model has (e.g. W0 and the norms
-    of a dynamic model from a torchvision static one) and report the rest."""
+    of a dynamic model from a torchvision static one) and report the rest.
+
+    Keys that all carry a wrapper's prefix (`module.` from DDP, `model.` from a checkpoint of `fit`)
+    are read without it. A state dict of which nothing fits raises a ValueError: a warm start that
+    loads nothing is a mistake (another model, or a prefix of another kind)."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise ValueError("warm_start: state_dict must be a dict of tensors (a checkpoint of fit holds one "
+                         "under 'state_dict')")
     own = model.state_dict()
+    while state_dict and not own.keys() & state_dict.keys():
+        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
     report = LoadReport()
     usable = {}
     for key, value in state_dict.items():
@@ -47,6 +62,14 @@ def warm_start(model: nn.Module, state_dict: dict[str, Tensor]) -> LoadReport:
             usable[key] = value
             report.loaded.append(key)
     report.new = [key for key in own if key not in state_dict]
+    if not usable:
+        model_key = next(iter(own), None)
+        given_key = next(iter(state_dict), None)
+        raise ValueError(
+            f"warm_start: none of the state dict's {len(state_dict)} tensors fits the model by key and shape "
+            f"(its keys look like {given_key!r}, the model's like {model_key!r}); give the weights of this "
+            "backbone or of its static counterpart"
+        )
     model.load_state_dict(usable, strict=False)
     return report
 
@@ -128,6 +151,13 @@ def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def convert_official_state_dict(state_dict: dict[str, Tensor]) -> tuple[str, nn.Module, dict[str, Tensor]]:
     """(registry name, model, our state dict) for an official state dict; ValueError when none fits."""
+    if not any(re.search(r"(^|\.)(fc_phi|fc_scale)\.weight$", key) for key in state_dict):
+        raise ValueError(
+            "load_official_checkpoint: the checkpoint has no layer of the release's DCD (no fc_phi or fc_scale "
+            "weights), so it is not one of its checkpoints. A torchvision state dict loads into a static model "
+            "with load_state_dict, or into a dynamic one with dcd_lightning.models.warm_start; a checkpoint of "
+            "fit needs no conversion (--ckpt_path, or --model.init_args.init_weights)"
+        )
     best: tuple[int, str, list[str]] | None = None
     for name in _candidates(set(state_dict)):
         model = create_model(name, num_classes=_num_classes(state_dict))

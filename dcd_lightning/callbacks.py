@@ -61,8 +61,37 @@ class TemperatureSchedule(Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that, when a run stops on an exception (Ctrl-C, SIGTERM, a crash), writes the
-    state of the last completed step to `last.ckpt` only, so `--ckpt_path last` resumes from it."""
+    """ModelCheckpoint that writes `last.ckpt` at the end of every training epoch (and wherever
+    ModelCheckpoint saves, after a validation), whether or not the monitored score improved, and,
+    when a run stops on an exception (Ctrl-C, SIGTERM, a crash), the state of the last completed
+    step to `last.ckpt` only, so `--ckpt_path last` resumes from it.
+
+    Lightning 2.6 writes `last.ckpt` only at a step where a best-k checkpoint was also written: an
+    epoch that did not improve `val/acc1`, or one without validation, left `last.ckpt` behind.
+    """
+
+    _last_saved_step: int | None = None
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_step = trainer.global_step
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+        if fitting and self.save_last and self._last_saved_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """ModelCheckpoint's save after a validation, then `last.ckpt` if it was not written."""
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """ModelCheckpoint's save at the epoch's end, then `last.ckpt` if it was not written."""
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_missed(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Save last.ckpt unless nothing new happened since the last save."""

@@ -42,11 +42,19 @@ def mix_batch(
     return mixed, targets, targets[order], lam
 
 
+UNBOUNDED_STEPS = 10**12  # the span of a fit that no max_epochs or max_steps bounds
+
+
 def stepping(trainer: L.Trainer) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch) of a fit; with max_epochs=-1 the total is unbounded."""
-    estimated = trainer.estimated_stepping_batches
-    total = max(1, int(estimated)) if math.isfinite(estimated) else 10**12
-    return total, max(1, total // max(1, trainer.max_epochs or 1))
+    """(total optimizer steps, steps per epoch) of a fit. Steps per epoch come from the training
+    loader's length (a max_steps that ends the fit early does not shorten the epochs); with
+    max_epochs=-1 and no max_steps the total is unbounded (UNBOUNDED_STEPS)."""
+    estimated = trainer.estimated_stepping_batches  # also sets the training loader up
+    total = max(1, int(estimated)) if math.isfinite(estimated) else UNBOUNDED_STEPS
+    batches = trainer.num_training_batches
+    if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
+        return total, max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
+    return total, max(1, total // max(1, trainer.max_epochs or 1))  # a loader without a length
 
 
 COMPILE_KEYS = {"backend", "mode", "fullgraph", "dynamic", "options"}
@@ -250,6 +258,12 @@ class ImageClassifier(L.LightningModule):
         )
         total, per_epoch = stepping(self.trainer)
         self._schedule = (total, per_epoch)
+        if total == UNBOUNDED_STEPS and hp.schedule == "cosine":
+            rank_zero_warn(
+                f"{type(self).__name__}: the fit has no end in epochs or steps (max_epochs=-1 and no max_steps), so "
+                "the cosine schedule has none either and the LR stays at its peak; set trainer.max_epochs or "
+                "trainer.max_steps, or use schedule 'step' or 'constant'"
+            )
         resumed = getattr(self, "_resumed_schedule", None)
         if resumed is not None and resumed[:2] != (total, per_epoch):
             old_total, old_per_epoch, step = resumed

@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_imagenet_args, write_image_folder
 
 from dcd_lightning.callbacks import TemperatureSchedule
-from dcd_lightning.classifier import ImageClassifier, mix_batch
+from dcd_lightning.classifier import UNBOUNDED_STEPS, ImageClassifier, mix_batch, stepping
 from dcd_lightning.cli import SIGTERM_STATUS, describe_run, main
 from dcd_lightning.data import DigitsDataModule
 from dcd_lightning.data.imagenet import CorruptImageError
@@ -139,6 +139,17 @@ def test_ctrl_c_mid_epoch_resumes_with_the_batches_not_yet_seen(tmp_path: Path, 
     assert a["global_step"] == b["global_step"] == 9
     for key, value in a["state_dict"].items():  # the same batches in the same order: the same weights
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+
+
+@pytest.mark.parametrize("val_every", [1, 2])
+def test_last_checkpoint_is_the_last_epoch_when_the_score_does_not_improve(tmp_path: Path, val_every: int) -> None:
+    """Monitoring the epoch with mode=min makes epoch 0 the only best one: last.ckpt must still move on."""
+    fit("--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=3",
+        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.check_val_every_n_epoch={val_every}", "--checkpoint.monitor=epoch", "--checkpoint.mode=min")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
@@ -373,6 +384,27 @@ def test_temperature_schedule_is_linear_per_step_then_flat() -> None:
     assert schedule.temperature(1000, 100) == schedule.temperature(5000, 100) == 1.0
     with pytest.raises(ValueError, match="TemperatureSchedule: start=0"):
         TemperatureSchedule(start=0)
+
+
+def test_steps_per_epoch_come_from_the_loader() -> None:
+    def trainer(estimated: float, batches: float, accumulate: int = 1, max_epochs: int = 100) -> SimpleNamespace:
+        return SimpleNamespace(estimated_stepping_batches=estimated, num_training_batches=batches,
+                               accumulate_grad_batches=accumulate, max_epochs=max_epochs)
+
+    assert stepping(trainer(8, 19)) == (8, 19)  # max_steps=8 ends the fit inside epoch 0
+    assert stepping(trainer(1900, 19, accumulate=2)) == (1900, 10)
+    assert stepping(trainer(float("inf"), 19, max_epochs=-1)) == (UNBOUNDED_STEPS, 19)
+    assert stepping(trainer(300, float("inf"), max_epochs=3)) == (300, 100)  # a loader without a length
+
+
+def test_max_steps_does_not_shorten_the_epochs_of_the_schedule(tmp_path: Path) -> None:
+    """A step schedule dividing the LR every epoch: with max_steps=4 inside a 5-batch epoch it never divides."""
+    fit("--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.limit_train_batches=5",
+        "--trainer.limit_val_batches=1", "--trainer.max_epochs=100", "--trainer.max_steps=4",
+        "--trainer.log_every_n_steps=1", "--model.init_args.schedule=step", "--model.init_args.step_epochs=1",
+        "--model.init_args.warmup_epochs=0", f"--trainer.default_root_dir={tmp_path}")
+    rates = [float(row["lr"]) for row in metrics(tmp_path) if row.get("lr")]
+    assert len(rates) == 4 and set(rates) == {rates[0]}, rates
 
 
 def test_lr_schedules_and_weight_decay_groups() -> None:

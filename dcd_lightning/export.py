@@ -57,7 +57,7 @@ def export_onnx(model: nn.Module, image_size: int = 224, path: str | Path | None
     from .inference import optimize_for_inference
     from .ops._common import constant_sizes
 
-    model = optimize_for_inference(model.eval(), native=False)
+    model = optimize_for_inference(model, native=False)  # an eval-mode copy
     example = torch.randn(BATCH_TRACED, 3, image_size, image_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), constant_sizes():
@@ -77,15 +77,20 @@ def check_onnx(
     model: nn.Module, data: bytes, image_size: int, batch: int = BATCH_CHECKED
 ) -> tuple[float, float, float]:
     """Run the ONNX model `data` in onnxruntime and `model` in PyTorch (eval mode) on a random batch
-    of `batch` images. Returns the largest |difference| of their logits; that as a fraction of
+    of `batch` images (`model` is left in the mode it was in). Returns the largest |difference| of their logits; that as a fraction of
     PyTorch's largest |logit|; and, as the same fraction, the largest difference between PyTorch's
     logits and a float64 copy's (what float32 rounding alone does to this model's logits). Raises
     ValueError where PyTorch's logits are not all finite."""
     import onnxruntime
 
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model.eval()(images)
+    modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
+    try:
+        with torch.no_grad():
+            expected = model.eval()(images)
+    finally:  # `model` is left in the modes it was given in
+        for module, training in modes:
+            module.train(training)
     bad = int((~torch.isfinite(expected)).sum())  # checked first: then onnxruntime need not run
     if bad:
         raise ValueError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -361,13 +361,26 @@ class DCDConv2d(nn.Module):
 
         The fold is used by forward() in eval mode with gradients off (torch.no_grad or
         torch.inference_mode) and gives the same outputs as the unfolded layer; changing a parameter
-        or buffer in place, moving the layer, or calling .train() makes forward() stop using it.
+        or buffer in place, assigning the layer a new one (or a module), load_state_dict, moving
+        the layer, or calling .train() makes forward() stop using it. A write through `.data`
+        bypasses PyTorch's version counters and is not seen: after one, call this again.
         Under torch.compile the plain path is traced (no graph breaks; the compiler fuses it).
         With `native` (default), one sample on the CPU runs through the C kernel of ops/_native.c
         where it can be built. Returns False where there is nothing to fold (joint fusion).
         """
         self._folded = FoldedDCD(self, native) if self.fusion == "channel" else None
         return self._folded is not None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Assigning a tensor or a module (a new weight, a norm) drops the inference fold."""
+        if isinstance(value, (Tensor, nn.Module)) and self.__dict__.get("_folded") is not None:
+            self.__dict__["_folded"] = None
+        super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Loading a state dict (also with assign=True, which replaces the tensors) drops the fold."""
+        self._folded = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def train(self, mode: bool = True) -> DCDConv2d:
         """Training mode drops the inference fold (the weights are about to change)."""
@@ -390,6 +403,7 @@ class DCDConv2d(nn.Module):
             and x.dim() == 4
             and x.shape[1] == self.in_channels
             and not torch.compiler.is_compiling()  # a compiler traces the plain path and fuses it itself
+            and not torch.is_autocast_enabled(x.device.type)  # the fold is float32/64 only: autocast takes the plain path
             and (  # folded.is_current(), building no tuple where one tensor is watched
                 folded.watch._version == folded.watch_version
                 if folded.watch is not None
@@ -573,7 +587,9 @@ class DCDConv2d(nn.Module):
         total = self._static_bias(lam, n)
         if bias is not None:
             total = bias if total is None else total + bias
-        if n == 1:  # one sample: an ordinary convolution with its kernel (the fastest 1x1 on CPU)
+        # one sample: an ordinary convolution with its kernel (the fastest 1x1 on CPU); not in a
+        # recorded graph (a user's jit.trace or torch.onnx.export at batch 1 must run at any batch)
+        if n == 1 and not torch.jit.is_tracing():
             weight = kernel.view(self.out_channels, self.in_channels, 1, 1)
             return F.conv2d(x, weight, None if total is None else total[0], self.stride)
         return apply_sample_kernels(kernel, x[:, :, :: self.stride, :: self.stride], total)

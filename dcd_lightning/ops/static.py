@@ -39,7 +39,7 @@ class StaticConv2d(nn.Conv2d):
 
 def one_cpu_sample(x: Tensor, rank: int, channels: int, weight: Tensor, bias: Tensor | None) -> bool:
     """True for one contiguous sample of this rank and channel count, with no gradient to record,
-    outside torch.compile and tracing, where it, a contiguous weight and the bias (if any) are CPU
+    outside torch.compile, tracing and autocast, where it, a contiguous weight and the bias (if any) are CPU
     tensors of one dtype: where the C kernel's routes apply."""
     return (
         not torch.is_grad_enabled()
@@ -53,6 +53,7 @@ def one_cpu_sample(x: Tensor, rank: int, channels: int, weight: Tensor, bias: Te
         and (bias is None or (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.is_contiguous()))
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and not torch.is_autocast_enabled("cpu")  # autocast computes in bf16: PyTorch's convolution
     )
 
 

@@ -44,8 +44,9 @@ def recipe(spec: ModelSpec) -> dict[str, Any]:
     return {"model": model, "max_epochs": 100}
 
 
-def build_config(name: str) -> dict[str, Any]:
-    """The LightningCLI config of registry model `name` with its backbone's paper recipe."""
+def build_config(name: str, group: str | None = None) -> dict[str, Any]:
+    """The LightningCLI config of registry model `name` with its backbone's paper recipe; `group`
+    is its W&B group (default: the first table the model is a row of)."""
     spec = get_model_spec(name)
     plan = recipe(spec)
     return {
@@ -57,7 +58,7 @@ def build_config(name: str) -> dict[str, Any]:
             "logger": [
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": name}},
                 {"class_path": "dcd_lightning.loggers.WandbLogger",
-                 "init_args": {"project": "dcd-lightning", "save_dir": ".", "group": spec.paper[0][0] if spec.paper else "extra"}},
+                 "init_args": {"project": "dcd-lightning", "save_dir": ".", "group": group or (spec.paper[0][0] if spec.paper else "extra")}},
             ],
         },
         "model": {
@@ -91,7 +92,9 @@ def config_files() -> dict[str, str]:
             if "mixup_alpha" in build_config(name)["model"]["init_args"]:
                 header += ("# Mixup: the paper adds it for x1.0 without a value; alpha 0.2 and label smoothing 0.1 are the\n"
                            "# official release's (which ramps alpha up over the first 100 epochs; here it is constant).\n")
-            files[f"{prefix}_{name}.yaml"] = header + yaml.safe_dump(build_config(name), sort_keys=False)
+            # each file's runs are grouped in W&B by its table (a model can be a row of several)
+            group = next((table for table, _ in spec.paper if TABLE_PREFIX[table] == prefix), f"{prefix}_extra")
+            files[f"{prefix}_{name}.yaml"] = header + yaml.safe_dump(build_config(name, group), sort_keys=False)
     return files
 
 

@@ -28,6 +28,7 @@ from ._args import positive_int
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 TRIAL_ENV = "DCD_SWEEP_TRIAL"  # "<sweep name>/trial-NNN": the CLI puts the run in that sub-folder
 TAGS_ENV = "DCD_SWEEP_TAGS"  # comma-separated key=value tags for W&B
+MAX_TAG = 64  # W&B refuses longer tags, and the run with them
 
 
 @dataclass
@@ -39,8 +40,15 @@ class Trial:
     command: list[str]
 
     def tags(self) -> list[str]:
-        """The swept values as tags (the last part of each dotted key)."""
-        return [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.values.items()]
+        """The swept values as W&B tags (at most 64 characters each): the last part of each dotted
+        key, and a config file's name without its folder or suffix."""
+        tags = []
+        for key, value in self.values.items():
+            text = str(value)
+            if text.endswith((".yaml", ".yml")):
+                text = Path(text).stem
+            tags.append(f"{key.rsplit('.', 1)[-1]}={text}"[:MAX_TAG])
+        return tags
 
 
 def load_sweep(path: str | Path, method: str | None = None) -> dict[str, Any]:
@@ -137,6 +145,21 @@ def trials(spec: dict[str, Any], count: int | None = None, seed: int = 0) -> lis
     return [Trial(i, values, agent_command(spec, values)) for i, values in enumerate(expand(spec, count, seed))]
 
 
+def shared_root(planned: list[Trial]) -> str | None:
+    """For a sweep whose trials run different config files (`--config=FILE` swept): the folder
+    that holds every file's trainer.default_root_dir, so that all trials land under one
+    <root>/<sweep>; None where the trials share one default_root_dir (or set none)."""
+    roots = set()
+    for trial in planned:
+        for key, value in trial.values.items():
+            if key == "config" and Path(str(value)).is_file():
+                config = yaml.safe_load(Path(str(value)).read_text()) or {}
+                roots.add(str((config.get("trainer") or {}).get("default_root_dir") or "."))
+    if len(roots) < 2:
+        return None
+    return os.path.commonpath([os.path.normpath(root) for root in roots]) or "."
+
+
 def main(argv: list[str] | None = None) -> int:
     """List and run the trials of a sweep file."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning sweep", description=__doc__,
@@ -155,15 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     name = spec.get("name") or Path(args.file).stem
+    root = shared_root(planned)
+    common = [f"--trainer.default_root_dir={root}"] if root is not None else []  # before --extra: it may override
     print(f"sweep {name}: {spec['method']} search, {len(planned)} trial(s)")
+    if root is not None:
+        print(f"sweep {name}: the trials' configs differ in default_root_dir; every trial goes under {root}/{name}")
     for trial in planned:
-        print(f"[trial {trial.index:03d}] {shlex.join(trial.command + args.extra)}")
+        print(f"[trial {trial.index:03d}] {shlex.join(trial.command + common + args.extra)}")
     if args.dry_run:
         return 0
     failed = 0
     for trial in planned:
         env = dict(os.environ, **{TRIAL_ENV: f"{name}/trial-{trial.index:03d}", TAGS_ENV: ",".join(trial.tags())})
-        command = trial.command + args.extra
+        command = trial.command + common + args.extra
         if command[:2] == ["/usr/bin/env", "python"]:
             command = [sys.executable] + command[2:]  # the interpreter running this, as `python` would be
         print(f"[trial {trial.index:03d}] running", flush=True)

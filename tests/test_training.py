@@ -373,6 +373,16 @@ def test_missing_root_names_the_path_and_layout(tmp_path: Path) -> None:
         fit("--config", config, *tiny_imagenet_args(tmp_path / "only_val"), "--trainer.fast_dev_run=1")
 
 
+def test_a_folder_smaller_than_the_batch_trains_on_one_partial_batch(image_folder: Path, tmp_path: Path) -> None:
+    """6 training images at batch_size 8: dropping the partial batch would leave no batch (the fit
+    would end at once and exit 0); it trains on the 6 and says why."""
+    config = str(ROOT / "configs" / "paper" / "table4_resnet10_static.yaml")
+    with pytest.warns(UserWarning, match=r"6 training samples give 6 per process, fewer than batch_size=8"):
+        fit("--config", config, *tiny_imagenet_args(image_folder), "--data.init_args.batch_size=8",
+            "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false")
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
 def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    learning_rat: 0.1\n")

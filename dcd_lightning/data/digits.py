@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochShuffleSampler
+from .sampling import EpochShuffleSampler, drop_last_batch
 
 
 class _TensorImages(Dataset):
@@ -79,7 +79,7 @@ class DigitsDataModule(L.LightningDataModule):
             sampler=EpochShuffleSampler(len(data), self.hparams.split_seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
-            drop_last=shuffle and len(self.splits[split]) > self.hparams.batch_size,
+            drop_last=shuffle and drop_last_batch(self, len(data), self.hparams.batch_size),
         )
 
     def train_dataloader(self) -> DataLoader:

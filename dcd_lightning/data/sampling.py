@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -29,3 +32,21 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+def drop_last_batch(module: Any, length: int, batch_size: int) -> bool:
+    """Whether a training loader drops its last partial batch: yes, unless a process gets fewer
+    than `batch_size` of the `length` samples, where dropping it would leave no batch at all (the
+    fit would stop at once, "no training batches"); that case trains on one partial batch and
+    warns, naming the sizes."""
+    trainer = getattr(module, "_trainer", None)
+    processes = max(1, int(getattr(trainer, "world_size", 1) or 1))
+    per_process = math.ceil(length / processes)
+    if per_process >= batch_size:
+        return True
+    warnings.warn(
+        f"{type(module).__name__}: {length} training samples give {per_process} per process, fewer than "
+        f"batch_size={batch_size}; each epoch is one partial batch (lower data.init_args.batch_size for more)",
+        stacklevel=2,
+    )
+    return False

@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callbacks import (
@@ -71,6 +72,17 @@ def _int_before_float(parser: LightningArgumentParser) -> None:
             action._typehint = typing.Union[(int, *(m for m in members if m is not int))]
 
 
+def _constructor_message(text: str) -> str:
+    """A constructor's own message out of jsonargparse's report on a Union (such as the model's
+    class, LightningModule or None): its list of each subtype's error holds it beside "Expected a
+    <class 'NoneType'>", followed by the whole namespace given; the rest as it was."""
+    if "Does not validate against any of the Union subtypes" not in text:
+        return text
+    causes = [line.strip()[2:] for line in text.splitlines()
+              if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+    return "; ".join(causes) or text
+
+
 class DCDLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
@@ -104,6 +116,18 @@ class DCDLightningCLI(LightningCLI):
         parser.add_lightning_class_args(RunLocations, "run_locations")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
+    def instantiate_classes(self) -> None:
+        """Build the model, data, callbacks and trainer; a ValueError from a constructor (a bad value
+        that got past the parser, such as --temperature.epochs -1) is reported as a usage error."""
+        exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False
+        try:
+            super().instantiate_classes()
+        except (ValueError, ArgumentError) as error:
+            self.parser.exit_on_error = exit_on_error
+            self.parser.error(_constructor_message(str(error)))
+        finally:
+            self.parser.exit_on_error = exit_on_error
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         """Drop the project's checkpoint callback when the config switches checkpointing off; add
         RestoreLoaderPosition (exact mid-epoch resume of stateful loaders)."""
@@ -133,6 +157,22 @@ class DCDLightningCLI(LightningCLI):
                 f"{folder}; train with the same config and default_root_dir first, or give a checkpoint's path"
             )
         config["ckpt_path"] = str(found[0])
+
+    def before_fit(self) -> None:
+        """`fit --ckpt_path last` with no last.ckpt in this run's folder starts a new run (as an
+        auto-resuming job's first launch needs) and says where it looked; Lightning's own warning
+        suggests save_last, which is on."""
+        config = self.config_init[self.subcommand]
+        callback = self.trainer.checkpoint_callback
+        if config.get("ckpt_path") != "last" or callback is None or not callback.dirpath:
+            return
+        folder = Path(callback.dirpath)
+        if not (folder / "last.ckpt").is_file():
+            config["ckpt_path"] = None
+            if self.trainer.is_global_zero:
+                print(f"[dcd-lightning] fit --ckpt_path last: no last.ckpt in {folder}, so this run starts from the "
+                      "beginning (to continue a run, give the trainer.default_root_dir it was started with)",
+                      flush=True)
 
     def before_validate(self) -> None:
         """Resolve --ckpt_path last/best (see _resolve_evaluation_checkpoint)."""

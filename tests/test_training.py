@@ -228,7 +228,9 @@ def test_predict_on_image_folders_keeps_the_class_names(tmp_path: Path) -> None:
     assert "index" not in saved  # a batch lost a row: the sampler's indices no longer match
 
 
-def test_a_run_starts_from_init_weights_and_refuses_to_resume_from_weights_only(tmp_path: Path) -> None:
+def test_a_run_starts_from_init_weights_and_refuses_to_resume_from_weights_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
 
     from dcd_lightning.lightning_cli import DCDLightningCLI
@@ -263,8 +265,9 @@ def test_a_run_starts_from_init_weights_and_refuses_to_resume_from_weights_only(
     with pytest.raises(ValueError, match=r"holds weights only .* --model.init_args.init_weights FILE instead"):
         fit("--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path / 'second'}",
             f"--ckpt_path={tmp_path / 'weights.ckpt'}")
-    with pytest.raises(ValueError, match=r"init_weights='nowhere.pt' is not a file"):
+    with pytest.raises(SystemExit) as stop:  # a constructor's check: reported as a usage error
         fit("--config", QUICKSTART, *short, "--model.init_args.init_weights=nowhere.pt")
+    assert stop.value.code == 2 and "init_weights='nowhere.pt' is not a file" in capsys.readouterr().err
     fit("--config", QUICKSTART, *short, f"--trainer.default_root_dir={tmp_path / 'second'}",
         f"--model.init_args.init_weights={tmp_path / 'weights.ckpt'}")
     assert "init_weights" not in torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt",
@@ -280,6 +283,14 @@ def test_a_resume_that_changes_the_schedule_says_so(tmp_path: Path, recwarn: pyt
     with pytest.warns(UserWarning, match=r"the checkpoint's LR schedule spans 4 optimizer steps \(2 per epoch\), "
                                          r"this run's 6 \(2 per epoch\).* from step 4, so the LR moves from 0 to 0\.01727 there"):
         fit("--config", QUICKSTART, *short, "--trainer.max_epochs=3", "--ckpt_path=last")
+
+
+def test_fit_from_last_without_a_checkpoint_says_it_starts_anew(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fit("--config", QUICKSTART, *QUIET, "--data.init_args.image_size=8", "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+        "--ckpt_path=last")
+    assert f"no last.ckpt in {tmp_path / 'checkpoints'}, so this run starts from the beginning" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
 def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -392,6 +403,13 @@ def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 # -- pieces --------------------------------------------------------------------------------------
+
+
+def test_a_bad_callback_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        fit("--config", QUICKSTART, "--temperature.epochs=-1")
+    assert stop.value.code == 2
+    assert "error: TemperatureSchedule: epochs=-1.0 is not allowed; expected >= 0" in capsys.readouterr().err
 
 
 def test_temperature_schedule_is_linear_per_step_then_flat() -> None:

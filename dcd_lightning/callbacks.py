@@ -94,8 +94,13 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_last_if_missed(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Save last.ckpt unless nothing new happened since the last save."""
+        """Save last.ckpt unless nothing new happened since the last save (then say it holds it)."""
         if not self._should_save_on_exception(trainer):
+            current = self.save_last and self._last_saved_step == trainer.global_step
+            if current and not trainer.sanity_checking and not trainer.fast_dev_run and trainer.is_global_zero:
+                print(f"[dcd-lightning] {type(exception).__name__}: {self.last_model_path} already holds the last "
+                      f"completed step (epoch {trainer.current_epoch}, step {trainer.global_step}); resume with "
+                      "--ckpt_path last", flush=True)
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         if trainer.is_global_zero:

@@ -140,7 +140,9 @@ class ImageClassifier(L.LightningModule):
         )
 
     def setup(self, stage: str) -> None:
-        """Load `init_weights` into the backbone, unless a checkpoint restores the run."""
+        """Check that the data's image channels are the backbone's input channels; load
+        `init_weights` into the backbone, unless a checkpoint restores the run."""
+        self._check_channels()
         if self.init_weights is None or self.trainer.ckpt_path is not None:
             return
         state = torch.load(self.init_weights, map_location="cpu", weights_only=False)
@@ -155,6 +157,21 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"{type(self).__name__}: init_weights={self.init_weights!r} does not fit this config's "
                              f"model: {str(error).splitlines()[-1].strip()} (give the config of the model it was "
                              "saved from)") from None
+
+    def _check_channels(self) -> None:
+        """The data module's `channels` (3 where it has none: RGB folders) against the backbone's
+        first convolution; a mismatch otherwise fails inside it at the first batch."""
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None:
+            return
+        channels = getattr(data, "hparams", {}).get("channels", 3)
+        stem = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        if stem is not None and stem.in_channels != channels:
+            raise ValueError(
+                f"{type(data).__name__} gives images with {channels} channels, but the backbone's first convolution "
+                f"takes {stem.in_channels}; set model.init_args.backbone.init_args.in_chans={channels} (or "
+                f"data.init_args.channels={stem.in_channels})"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A weights-only checkpoint (import-official's) cannot resume a fit: say what to do instead.

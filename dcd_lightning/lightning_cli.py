@@ -127,6 +127,8 @@ class DCDLightningCLI(LightningCLI):
             self.parser.error(_constructor_message(str(error)))
         finally:
             self.parser.exit_on_error = exit_on_error
+        for init, key, given in reversed(getattr(self, "_derived", [])):  # see _derive
+            init[key] = given
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         """Drop the project's checkpoint callback when the config switches checkpointing off; add
@@ -210,9 +212,18 @@ class DCDLightningCLI(LightningCLI):
             if init is None:
                 continue
             if "save_dir" in init and init.get("save_dir") in (None, "."):
-                init["save_dir"] = root
+                self._derive(init, "save_dir", root)
             if str(logger.get("class_path", "")).endswith("WandbLogger"):
                 if not init.get("name") and not os.environ.get("WANDB_SWEEP_ID"):
-                    init["name"] = name  # under a W&B agent the sweep names its runs
+                    self._derive(init, "name", name)  # under a W&B agent the sweep names its runs
                 sweep_tags = [t for t in os.environ.get(TAGS_ENV, "").split(",") if t]
-                init["tags"] = sorted(set(init.get("tags") or tags) | set(sweep_tags))
+                self._derive(init, "tags", sorted(set(init.get("tags") or tags) | set(sweep_tags)))
+
+    def _derive(self, init: Any, key: str, value: Any) -> None:
+        """Set a logger argument derived from the rest of the config for instantiation only: the
+        saved config.yaml keeps what was given, so that rerunning it with another default_root_dir
+        (or model) writes there (and names the run anew) instead of into the old run's folder."""
+        if not hasattr(self, "_derived"):
+            self._derived: list[tuple[Any, str, Any]] = []
+        self._derived.append((init, key, init.get(key)))
+        init[key] = value

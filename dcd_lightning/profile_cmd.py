@@ -10,11 +10,14 @@ in configs/paper/ (or a registry name) the paper's numbers of that row are print
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._args import positive_int
@@ -48,6 +51,21 @@ def registry_name(config: str) -> str | None:
     stem = Path(config).stem
     name = stem.split("_", 1)[1] if "_" in stem else stem
     return name if name in _REGISTRY else None
+
+
+def same_architecture(model: nn.Module, name: str) -> bool:
+    """Whether `model` has the parameters and buffers, by name and shape, of the registry model
+    `name` built for as many classes."""
+    try:
+        with torch.no_grad():
+            classes = int(copy.deepcopy(model).eval()(torch.zeros(1, 3, 32, 32)).shape[-1])
+    except (RuntimeError, ValueError):  # another input layout altogether
+        return False
+
+    def shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+    return shapes(model) == shapes(get_model_spec(name).build(num_classes=classes))
 
 
 def report(profile: Profile, name: str | None) -> dict[str, Any]:
@@ -114,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--config {config}: no such file")
         model, size = model_from_config(args.config, overrides)
         name = registry_name(args.config[-1])
+        if name is not None and not same_architecture(model, name):
+            # overrides (or stacked configs) changed the model: that file's paper row is not its row
+            print(f"note: the model differs from {name}'s (overrides or other configs change it), so no paper row "
+                  "is compared", file=sys.stderr)
+            name = None
     if args.input_size is not None:
         size = args.input_size
     data = report(profile_model(model, size), name)

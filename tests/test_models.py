@@ -219,3 +219,12 @@ def test_profile_json_for_a_paper_config(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["profile", "--model", "mobilenetv2_x0.5_dcd"]) == 0
     text = capsys.readouterr().out
     assert "DCDReleaseConv2d 1x1" in text and "paper table4a_mobilenetv2[7]: params 3.1M" in text
+    # an override that changes the model: that file's row is not the model's, so none is compared
+    table2 = ROOT / "configs" / "paper" / "table2_mobilenetv2_x0.5_dcd_pw.yaml"
+    assert main(["profile", "--config", str(table2), "--json",
+                 "--model.init_args.backbone.init_args.pointwise.init_args.latent_mult=0.25"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["paper"] == [] and "no paper row is compared" in captured.err
+    assert main(["profile", "--config", str(table2), "--json", "--trainer.max_epochs=3"]) == 0  # not the model
+    rows = json.loads(capsys.readouterr().out)["paper"]
+    assert "table2_mobilenetv2_x0.5_latent_multiplier" in {row["table"] for row in rows}

@@ -28,7 +28,7 @@ TABLE_PREFIX = {
     "table4b_resnet": "table4",
 }
 # rows the paper reports top-1 for but no parameter counts
-EXTRA_ROWS = {"resnet18_dcd_joint": "table3"}
+EXTRA_ROWS = {"resnet18_dcd_joint": "table3", "resnet18_dcd_channel": "table3"}
 
 
 def recipe(spec: ModelSpec) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def config_files() -> dict[str, str]:
                 header += ("# Mixup: the paper adds it for x1.0 without a value; alpha 0.2 and label smoothing 0.1 are the\n"
                            "# official release's (which ramps alpha up over the first 100 epochs; here it is constant).\n")
             # each file's runs are grouped in W&B by its table (a model can be a row of several)
-            group = next((table for table, _ in spec.paper if TABLE_PREFIX[table] == prefix), f"{prefix}_extra")
+            group = next((table for table, _ in spec.paper if TABLE_PREFIX[table] == prefix), f"{prefix}_resnet18_fusion")
             files[f"{prefix}_{name}.yaml"] = header + yaml.safe_dump(build_config(name, group), sort_keys=False)
     return files
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .data.sampling import sample_seed
 from .models.weights import checkpoint_model_weights
 
 
@@ -196,6 +198,15 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """In a seeded run (seed_everything), seed the global generator from (seed, rank, optimizer
+        step, micro-batch): dropout, mixup and cutmix then draw what an uninterrupted run draws at
+        that step, also after a resume (the generators' states are not in the checkpoint)."""
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+            torch.manual_seed(sample_seed(int(seed), self.global_rank, self.global_step, micro))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step's loss (on mixed images when mixup or cutmix is on)."""

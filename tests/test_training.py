@@ -159,6 +159,27 @@ def test_last_checkpoint_is_the_last_epoch_when_the_score_does_not_improve(tmp_p
     assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_with_augmentation_mixup_and_dropout_is_exact(tmp_path: Path, workers: int) -> None:
+    """Random draws are seeded per sample (augmentation) and per step (mixup, dropout), not carried
+    in a generator's state: a run stopped mid-epoch and resumed ends with the uninterrupted run's
+    weights, and the number of loader workers changes nothing."""
+    random = ["--data.init_args.augment=true", "--model.init_args.mixup_alpha=0.4",
+              "--model.init_args.backbone.init_args.dropout=0.3"]
+    straight, resumed, other = tmp_path / "straight", tmp_path / "resumed", tmp_path / "other"
+    args = [*RESUME_ARGS, *random, f"--data.init_args.num_workers={workers}"]
+    fit(*args, f"--trainer.default_root_dir={straight}")
+    _interrupted_fit(*args, f"--trainer.default_root_dir={resumed}",
+                     "--trainer.callbacks+=_training_helpers.InterruptAtStep", "--trainer.callbacks.step=4")
+    fit(*args, f"--trainer.default_root_dir={resumed}", "--ckpt_path=last")
+    fit(*RESUME_ARGS, *random, f"--data.init_args.num_workers={2 - workers}", f"--trainer.default_root_dir={other}")
+    a, b, c = (torch.load(root / "checkpoints" / "last.ckpt", weights_only=False) for root in (straight, resumed, other))
+    assert a["global_step"] == b["global_step"] == c["global_step"] == 9
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+        assert torch.allclose(value.float(), c["state_dict"][key].float(), atol=1e-6), key
+
+
 def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     steps = 5  # per epoch
     short = ["--data.init_args.image_size=8", f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=2"]

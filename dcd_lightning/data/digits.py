@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochShuffleSampler, drop_last_batch
+from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch
 
 
 class _TensorImages(Dataset):
@@ -74,7 +74,7 @@ class DigitsDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.splits[split]
         return DataLoader(
-            data,
+            EpochSeeded(data, self.hparams.split_seed) if shuffle else data,
             batch_size=self.hparams.batch_size,
             sampler=EpochShuffleSampler(len(data), self.hparams.split_seed) if shuffle else None,
             num_workers=self.hparams.num_workers,

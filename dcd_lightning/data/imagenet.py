@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets, transforms
 
-from .sampling import EpochShuffleSampler, drop_last_batch
+from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (torchvision ImageFolder layout)"
@@ -161,7 +161,7 @@ class ImageNetDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         return DataLoader(
-            data,
+            EpochSeeded(data, self.hparams.seed) if shuffle else data,
             batch_size=self.hparams.batch_size,
             sampler=EpochShuffleSampler(len(data), self.hparams.seed) if shuffle else None,
             drop_last=shuffle and drop_last_batch(self, len(data), self.hparams.batch_size),

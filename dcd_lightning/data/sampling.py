@@ -8,11 +8,41 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+
+def sample_seed(*parts: int) -> int:
+    """A seed for torch.manual_seed made of integers (such as seed, epoch, index), the same in every
+    process and every Python (tuples of ints hash without randomisation)."""
+    return hash(tuple(parts)) & (2**63 - 1)
+
+
+class EpochSeeded(Dataset):
+    """A training dataset read with keys epoch * len + index (EpochShuffleSampler's), each sample's
+    random augmentation drawn from a generator seeded by (seed, epoch, index) alone.
+
+    So the draws do not depend on which loader worker reads the sample or on what it read before:
+    a resumed run, which skips the batches it has trained on, augments the rest as an uninterrupted
+    run does, with any number of workers. The global generator is left as it was (fork_rng), also
+    where samples are read in the main process.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int) -> Any:
+        epoch, index = divmod(int(key), len(self))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
 
 
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles 0..length-1 with a generator seeded by seed + epoch; Lightning calls set_epoch.
+    It yields keys epoch * length + index, which EpochSeeded reads (epoch 0's keys are the indices).
 
     Unlike RandomSampler (which draws from the global RNG), the order of epoch e does not depend
     on how many random numbers were drawn before, so an uninterrupted run and a resumed one agree.
@@ -28,7 +58,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        return iter((torch.randperm(self.length, generator=generator) + self.epoch * self.length).tolist())
 
     def __len__(self) -> int:
         return self.length

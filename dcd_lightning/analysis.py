@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,11 @@ def load_runs(folder: str | Path, keys: list[str] | None = None) -> Any:
     import pandas as pd
 
     parts: dict[tuple[str, str], list[list[tuple[dict[str, Any], Any, Path]]]] = {}
+    unlogged = []
     for config_path in sorted(Path(folder).rglob("config*.yaml")):
         metrics_path = config_path.parent / "metrics.csv"
         if not metrics_path.exists():
+            unlogged.append(str(config_path.parent))
             continue
         history = load_history(metrics_path)
         if not any(str(column).startswith("train/") for column in history.columns):
@@ -174,6 +177,9 @@ def load_runs(folder: str | Path, keys: list[str] | None = None) -> Any:
         config = _flatten(yaml.safe_load(config_path.read_text()) or {})
         run = (str(config.get("trainer.default_root_dir")), str(config_path.parent.parent))
         parts.setdefault(run, []).append((config, history, config_path.parent))
+    if unlogged:  # stopped or failed before the CSV logger wrote its first rows
+        warnings.warn(f"load_runs: left out {len(unlogged)} run folder(s) with a config but no metrics.csv "
+                      f"(stopped before their first logged step): {', '.join(sorted(set(unlogged)))}", stacklevel=2)
     rows, configs, histories = [], [], []
     for pieces in parts.values():
         pieces.sort(key=lambda piece: (piece[1].index.min() if len(piece[1]) else -1, piece[2].stat().st_mtime))

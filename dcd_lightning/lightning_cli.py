@@ -50,8 +50,13 @@ class DCDSaveConfig(SaveConfigCallback):
         size = getattr(trainer.datamodule, "input_size", 224) if trainer.datamodule is not None else 224
         model = getattr(pl_module, "model", pl_module)
         profile = profile_model(model, int(size))
+        config = self.config.as_dict()
+        model_args = (config.get("model") or {}).get("init_args")
+        hparams = getattr(pl_module, "hparams", {})
+        if isinstance(model_args, dict) and "num_classes" in hparams:
+            model_args["num_classes"] = hparams["num_classes"]  # linked from the data at instantiation
         for logger in loggers:
-            logger.log_hyperparams({"config": self.config.as_dict(), "params": profile.paper_params,
+            logger.log_hyperparams({"config": config, "params": profile.paper_params,
                                     "params_all": profile.params, "madds": profile.madds})
 
 

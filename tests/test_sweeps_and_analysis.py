@@ -222,7 +222,11 @@ def test_runs_table_joins_resumed_runs_and_leaves_out_evaluations(tmp_path: Path
     _logged_run(tmp_path / "a" / "logs" / "version_2", {**config(a, 0.1, ["lr=0.1"]), "verbose": True},
                 [{"epoch": 0, "val/acc1": 0.4}])  # validate
     _logged_run(tmp_path / "b" / "logs" / "version_0", config(b, 0.2, ["lr=0.2"]), epochs(0, [0.3, 0.35]))
-    runs = load_runs(tmp_path).set_index("lr")
+    stopped = tmp_path / "c" / "logs" / "version_0"  # stopped before its first logged step: named, not a row
+    stopped.mkdir(parents=True)
+    (stopped / "config.yaml").write_text(yaml.safe_dump(config(str(tmp_path / "c"), 0.3, ["lr=0.3"])))
+    with pytest.warns(UserWarning, match=rf"left out 1 run folder\(s\) with a config but no metrics.csv .*{stopped}"):
+        runs = load_runs(tmp_path).set_index("lr")
     assert sorted(runs.columns) == ["epochs", "name", "run", "val/acc1_best", "val/acc1_last", "val/acc5_best"]
     assert runs.loc[0.1, "epochs"] == 4 and runs.loc[0.1, "val/acc1_best"] == 0.6
     assert runs.loc[0.1, "val/acc1_last"] == 0.4 and runs.loc[0.1, "name"] == "logs"

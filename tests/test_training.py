@@ -571,6 +571,7 @@ def test_wandb_offline_run_gets_config_params_and_madds(tmp_path: Path, image_fo
     try:
         assert run.config["madds"] > 0 and run.config["params"] > 0
         assert run.config["config"]["model"]["init_args"]["backbone"]["init_args"]["depth"] == 10
+        assert run.config["config"]["model"]["init_args"]["num_classes"] == 3  # the data's, linked; not 1000
         assert run.name == "resnet10_conv-DCDReleaseConv2d_classifier-DCDReleaseLinear"
         assert {"conv:DCDReleaseConv2d", "layout=resnet_basic"} <= set(run.tags)
         assert str(run.dir).startswith(str(tmp_path))  # under default_root_dir

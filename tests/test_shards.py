@@ -166,6 +166,10 @@ def test_mid_epoch_resume_continues_with_the_next_unseen_batch(shards: tuple[Pat
     expected = _read_ids(straight / "ids", 0)
     assert len(expected) == 12
     assert _read_ids(resumed / "ids", 0) == expected
+    # each image's augmentation is seeded by (seed, epoch, id): the same draws, so the same weights
+    a, b = (torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for root in (straight, resumed))
+    for key, value in a.items():
+        assert torch.allclose(value.float(), b[key].float(), atol=1e-6), key
 
 
 @pytest.mark.parametrize("decoder", ["pil", "torchvision"])

@@ -38,6 +38,7 @@ from .imagenet import (
     refuse_empty_batch_on_one_rank,
     train_transform,
 )
+from .sampling import sample_seed
 
 MANIFEST = "manifest.json"
 FORMAT = "dcd-lightning ImageNet shards v1 (litdata)"
@@ -194,9 +195,9 @@ class ShardImages(litdata.StreamingDataset):
     """
 
     def __init__(self, url: str, transform: Any, skip_corrupt: bool, with_ids: bool, decoder: str = "pil",
-                 **kwargs: Any) -> None:
+                 augment_seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self.url, self.image_transform = url, transform
+        self.url, self.image_transform, self.augment_seed = url, transform, augment_seed
         self.skip_corrupt, self.with_ids = skip_corrupt, with_ids
         self.decode = _decode_tensor if decoder == "torchvision" else _decode_pil
 
@@ -213,7 +214,12 @@ class ShardImages(litdata.StreamingDataset):
                 f"ImageNetShardsDataModule: cannot read image {where}: {error}. Rewrite the shards from a "
                 "fixed source, or set data.init_args.skip_corrupt=true to skip unreadable images (each is reported)"
             ) from error
-        sample = (self.image_transform(image), int(item["label"]))
+        if self.augment_seed is None:
+            sample = (self.image_transform(image), int(item["label"]))
+        else:  # each image's draws from (seed, epoch, id) alone, as EpochSeeded does for the folders
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.augment_seed, self.current_epoch, int(item["id"])))
+                sample = (self.image_transform(image), int(item["label"]))
         return (*sample, int(item["id"])) if self.with_ids else sample
 
 
@@ -291,7 +297,7 @@ class ImageNetShardsDataModule(L.LightningDataModule):
         if stage in (None, "fit") and "train" not in self.datasets:
             transform = train_transform(hp.train_crop, train_decoder == "torchvision")
             self.datasets["train"] = dataset(_join(hp.root, "train"), transform, shuffle=True, drop_last=True,
-                                             seed=hp.seed, decoder=train_decoder, **options)
+                                             seed=hp.seed, decoder=train_decoder, augment_seed=hp.seed, **options)
         if "val" not in self.datasets:
             transform = eval_transform(hp.eval_resize, hp.eval_crop, eval_decoder == "torchvision")
             self.datasets["val"] = dataset(_join(hp.root, "val"), transform, shuffle=False, drop_last=False,

@@ -1,4 +1,5 @@
-"""A shuffling sampler whose order is a function of (seed, epoch), so a resumed run sees the same order."""
+"""A shuffling sampler whose order is a function of (seed, epoch), and per-sample seeded augmentation,
+so a resumed run sees the same batches, augmented alike."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 def sample_seed(*parts: int) -> int:
     """A seed for torch.manual_seed made of integers (such as seed, epoch, index), the same in every
-    process and every Python (tuples of ints hash without randomisation)."""
+    process (tuples of ints hash without Python's per-process string randomisation)."""
     return hash(tuple(parts)) & (2**63 - 1)
 
 

@@ -77,9 +77,13 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last:
             self._last_saved_step = trainer.global_step
 
+    @staticmethod
+    def _fitting(trainer: L.Trainer) -> bool:
+        """Whether a checkpoint may be written now: fitting, outside the sanity check and fast_dev_run."""
+        return trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+
     def _save_last_if_missed(self, trainer: L.Trainer) -> None:
-        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
-        if fitting and self.save_last and self._last_saved_step != trainer.global_step:
+        if self._fitting(trainer) and self.save_last and self._last_saved_step != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -97,7 +101,7 @@ class RunCheckpoint(ModelCheckpoint):
         """Save last.ckpt unless nothing new happened since the last save (then say it holds it)."""
         if not self._should_save_on_exception(trainer):
             current = self.save_last and self._last_saved_step == trainer.global_step
-            if current and not trainer.sanity_checking and not trainer.fast_dev_run and trainer.is_global_zero:
+            if current and self._fitting(trainer) and trainer.is_global_zero:
                 print(f"[dcd-lightning] {type(exception).__name__}: {self.last_model_path} already holds the last "
                       f"completed step (epoch {trainer.current_epoch}, step {trainer.global_step}); resume with "
                       "--ckpt_path last", flush=True)

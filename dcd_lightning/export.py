@@ -84,13 +84,10 @@ def check_onnx(
     import onnxruntime
 
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
-    try:
-        with torch.no_grad():
-            expected = model.eval()(images)
-    finally:  # `model` is left in the modes it was given in
-        for module, training in modes:
-            module.train(training)
+    from .inference import kept_modes
+
+    with torch.no_grad(), kept_modes(model):
+        expected = model.eval()(images)
     bad = int((~torch.isfinite(expected)).sum())  # checked first: then onnxruntime need not run
     if bad:
         raise ValueError(

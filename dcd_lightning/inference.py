@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -72,18 +74,28 @@ def calibrate_batch_norms(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [norm.momentum for norm in norms]
-    modes = {m: m.training for m in model.modules()}
     try:
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a cumulative average: one batch sets the statistics
-        model.train()(images)
+        with kept_modes(model):
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # a cumulative average: one batch sets the statistics
+            model.train()(images)
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        for module, training in modes.items():
-            module.training = training
     return model
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, `model` may be put in train or eval mode; on leaving, every module is back in the
+    mode it was in (each its own, where they differed)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _plain_layers_in_c(model: nn.Module) -> None:

@@ -103,6 +103,10 @@ class DCDLightningCLI(LightningCLI):
       _int_before_float.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._derived: list[tuple[Any, str, Any]] = []  # see _derive
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Project-wide callbacks and links."""
         _int_before_float(parser)
@@ -132,7 +136,7 @@ class DCDLightningCLI(LightningCLI):
             self.parser.error(_constructor_message(str(error)))
         finally:
             self.parser.exit_on_error = exit_on_error
-        for init, key, given in reversed(getattr(self, "_derived", [])):  # see _derive
+        for init, key, given in reversed(self._derived):  # see _derive
             init[key] = given
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
@@ -228,7 +232,5 @@ class DCDLightningCLI(LightningCLI):
         """Set a logger argument derived from the rest of the config for instantiation only: the
         saved config.yaml keeps what was given, so that rerunning it with another default_root_dir
         (or model) writes there (and names the run anew) instead of into the old run's folder."""
-        if not hasattr(self, "_derived"):
-            self._derived: list[tuple[Any, str, Any]] = []
         self._derived.append((init, key, init.get(key)))
         init[key] = value

@@ -3,6 +3,7 @@ so a resumed run sees the same batches, augmented alike."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,14 @@ def sample_seed(*parts: int) -> int:
     """A seed for torch.manual_seed made of integers (such as seed, epoch, index), the same in every
     process (tuples of ints hash without Python's per-process string randomisation)."""
     return hash(tuple(parts)) & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded_draws(*parts: int) -> Iterator[None]:
+    """Inside, torch's CPU generator is seeded by sample_seed(*parts); on leaving, it is as before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(*parts))
+        yield
 
 
 class EpochSeeded(Dataset):
@@ -36,8 +45,7 @@ class EpochSeeded(Dataset):
 
     def __getitem__(self, key: int) -> Any:
         epoch, index = divmod(int(key), len(self))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with seeded_draws(self.seed, epoch, index):
             return self.dataset[index]
 
 

@@ -38,7 +38,7 @@ from .imagenet import (
     refuse_empty_batch_on_one_rank,
     train_transform,
 )
-from .sampling import sample_seed
+from .sampling import seeded_draws
 
 MANIFEST = "manifest.json"
 FORMAT = "dcd-lightning ImageNet shards v1 (litdata)"
@@ -217,8 +217,7 @@ class ShardImages(litdata.StreamingDataset):
         if self.augment_seed is None:
             sample = (self.image_transform(image), int(item["label"]))
         else:  # each image's draws from (seed, epoch, id) alone, as EpochSeeded does for the folders
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.augment_seed, self.current_epoch, int(item["id"])))
+            with seeded_draws(self.augment_seed, self.current_epoch, int(item["id"])):
                 sample = (self.image_transform(image), int(item["label"]))
         return (*sample, int(item["id"])) if self.with_ids else sample
 

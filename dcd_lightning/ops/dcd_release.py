@@ -78,8 +78,8 @@ class DCDReleaseConv2d(DCDConv2d):
         pool_size: int | None = None,
         route: Route = "auto",
     ) -> None:
-        check_positive(type(self).__name__, "latent_mult", latent_mult)
         name = type(self).__name__
+        check_positive(name, "latent_mult", latent_mult)
         check_int(name, "num_blocks", num_blocks)
         check_int(name, "fc_squeeze", fc_squeeze)
         if pool_size is not None:

@@ -109,6 +109,17 @@ def test_fit_from_shards(shards: tuple[Path, Path], tmp_path: Path, decoder: str
     assert -3 < float(image.mean()) < 3  # normalised
 
 
+def test_shards_fewer_than_a_batch_train_on_one_partial_batch(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    """24 training images at batch_size 32: dropping the partial batch would leave no batch (the fit
+    would end at once and exit 0); it trains on the 24 and says why."""
+    _, out = shards
+    with pytest.warns(UserWarning, match=r"24 training samples give 24 per process, fewer than batch_size=32"):
+        assert main(["fit", *shard_args(out, "--data.init_args.batch_size=32", "--trainer.max_epochs=2",
+                                        "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                                        f"--trainer.default_root_dir={tmp_path}")]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
 def test_missing_shards_are_named(tmp_path: Path) -> None:
     data = ImageNetShardsDataModule(root=str(tmp_path / "nowhere"), num_classes=3)
     with pytest.raises(FileNotFoundError, match=r"no manifest.json under .*nowhere.*make-shards"):

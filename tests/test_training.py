@@ -439,6 +439,20 @@ def test_a_folder_smaller_than_the_batch_trains_on_one_partial_batch(image_folde
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
+def test_the_partial_batch_is_kept_per_process_under_ddp(image_folder: Path) -> None:
+    """6 training images over 2 processes at batch_size 4: each process gets 3, so dropping the
+    partial batch would leave none; the loader keeps it and says so with the per-process count."""
+    from dcd_lightning.data import ImageNetDataModule
+
+    data = ImageNetDataModule(root=str(image_folder), num_classes=3, batch_size=4, num_workers=0)
+    data.trainer = SimpleNamespace(world_size=2)
+    data.setup("fit")
+    with pytest.warns(UserWarning, match=r"6 training samples give 3 per process, fewer than batch_size=4"):
+        assert not data.train_dataloader().drop_last
+    data.trainer = SimpleNamespace(world_size=1)
+    assert data.train_dataloader().drop_last
+
+
 def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    learning_rat: 0.1\n")

@@ -73,19 +73,28 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
 
+def processes_of(module: Any) -> int:
+    """The number of training processes of a data module's trainer (1 before it has one)."""
+    trainer = getattr(module, "trainer", None)
+    return max(1, int(getattr(trainer, "world_size", 1) or 1))
+
+
 def drop_last_batch(module: Any, length: int, batch_size: int) -> bool:
     """Whether a training loader drops its last partial batch: yes, unless a process gets fewer
     than `batch_size` of the `length` samples, where dropping it would leave no batch at all (the
     fit would stop at once, "no training batches"); that case trains on one partial batch and
     warns, naming the sizes."""
-    trainer = getattr(module, "_trainer", None)
-    processes = max(1, int(getattr(trainer, "world_size", 1) or 1))
-    per_process = math.ceil(length / processes)
+    per_process = math.ceil(length / processes_of(module))
     if per_process >= batch_size:
         return True
+    warn_partial_batch(module, length, per_process, batch_size)
+    return False
+
+
+def warn_partial_batch(module: Any, length: int, per_process: int, batch_size: int) -> None:
+    """The warning of a training loader that keeps its one partial batch (see drop_last_batch)."""
     warnings.warn(
         f"{type(module).__name__}: {length} training samples give {per_process} per process, fewer than "
         f"batch_size={batch_size}; each epoch is one partial batch (lower data.init_args.batch_size for more)",
-        stacklevel=2,
+        stacklevel=3,
     )
-    return False

@@ -38,7 +38,7 @@ from .imagenet import (
     refuse_empty_batch_on_one_rank,
     train_transform,
 )
-from .sampling import seeded_draws
+from .sampling import processes_of, seeded_draws, warn_partial_batch
 
 MANIFEST = "manifest.json"
 FORMAT = "dcd-lightning ImageNet shards v1 (litdata)"
@@ -303,13 +303,28 @@ class ImageNetShardsDataModule(L.LightningDataModule):
                                            decoder=eval_decoder, **options)
         self.classes = manifest["classes"]
 
-    def _loader(self, split: str) -> Any:
+    def _loader(self, split: str, drop_last: bool | None = None) -> Any:
         hp = self.hparams
-        return litdata.StreamingDataLoader(
+        loader = litdata.StreamingDataLoader(
             self.datasets[split], batch_size=hp.batch_size, num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(), drop_last=split == "train",
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            drop_last=split == "train" if drop_last is None else drop_last,
             collate_fn=collate_skipping_none if hp.skip_corrupt else None,
         )
+        if split != "train" or drop_last is not None or len(loader) > 0:
+            return loader
+        # fewer images per process than a batch: dropping the partial batch would leave none, and
+        # the fit would stop at once ("no training batches"); train on the partial batch instead
+        images = self._manifest()["splits"][split]["images"]
+        processes = processes_of(self)
+        if images < processes:
+            raise ValueError(
+                f"{type(self).__name__}: the {images} training images under {hp.root!r} leave some of the "
+                f"{processes} processes none; train on fewer processes (trainer.devices, trainer.num_nodes)"
+            )
+        loader = self._loader(split, drop_last=False)
+        warn_partial_batch(self, images, loader.dataset.get_len(hp.num_workers, hp.batch_size), hp.batch_size)
+        return loader
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Stop where one process of several would have to skip a training batch (no readable image)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ._common import Route, check_int, check_positive, scaled_latent
+from ._common import Route, check_int, check_positive, scale_latent, scaled_latent
 from .dcd_conv import DCDConv2d
 from .dcd_linear import DCDLinear
 
@@ -19,46 +19,50 @@ ReleaseLayout = Literal["mobilenetv2", "resnet_basic", "resnet_bottleneck"]
 
 
 def release_sizes(
-    in_channels: int, out_channels: int, layout: ReleaseLayout, fc_squeeze: int = 8
+    in_channels: int, out_channels: int, layout: ReleaseLayout, fc_squeeze: int = 8, latent_mult: float = 1.0
 ) -> tuple[int, int, int]:
     """(latent dim L, branch width, pool size) that the release uses for a layer of this shape.
 
     mobilenetv2: DYModule; resnet_basic: the 3x3 convs of BasicBlock (conv_basic_dy);
     resnet_bottleneck: the convs of Bottleneck (conv_dy). `fc_squeeze` only applies to mobilenetv2.
+    The release computes the branch width from L, so a `latent_mult` (Table 2) scales L first and
+    the width follows it; this is what reproduces Table 2's parameter counts (2.57M / 2.45M / 2.38M
+    against the paper's 2.6M / 2.5M / 2.4M; keeping the unscaled L's width gives 2.70M / 2.57M /
+    2.48M).
     """
     check_int("release_sizes", "fc_squeeze", fc_squeeze)
     if layout == "mobilenetv2":
         expanding = in_channels < out_channels
         mult, reduction, pool = (4, 8, 2) if expanding else (1, 2, 1)
-        features = in_channels * mult
+        features, squeeze, least = in_channels * mult, fc_squeeze, 4
         latent = min(features // reduction, out_channels // reduction)
         while latent**2 > features * 2:
             reduction *= 2
             latent = min(features // reduction, out_channels // reduction)
         latent = max(latent, 4)
-        hidden = max(max(features, latent**2) // fc_squeeze, 4)
-        return latent, hidden, pool
-    if layout == "resnet_basic":
-        features = in_channels * 4
+    elif layout == "resnet_basic":
+        features, squeeze, least, pool = in_channels * 4, 16, 4, 2
         latent = int(math.sqrt(features))
-        return latent, max(max(features, latent**2) // 16, 4), 2
-    if layout == "resnet_bottleneck":
+    elif layout == "resnet_bottleneck":
+        features, squeeze, least, pool = in_channels, 16, 1, 1
         latent = int(math.sqrt(in_channels))
-        return latent, max(max(in_channels, latent**2) // 16, 1), 1
-    raise ValueError(
-        f"release_sizes: layout={layout!r} is not allowed; "
-        "expected one of ['mobilenetv2', 'resnet_basic', 'resnet_bottleneck']"
-    )
+    else:
+        raise ValueError(
+            f"release_sizes: layout={layout!r} is not allowed; "
+            "expected one of ['mobilenetv2', 'resnet_basic', 'resnet_bottleneck']"
+        )
+    if latent_mult != 1.0:
+        latent = scale_latent(latent, latent_mult)
+    return latent, max(max(features, latent**2) // squeeze, least), pool
 
 
 class DCDReleaseConv2d(DCDConv2d):
     """DCDConv2d configured as the official release builds the layer (channel fusion alone).
 
     The ablation switches of the paper (Tables 1-3) apply on top of the release's structure:
-    `channel_attention`, `channel_fusion`, `latent_mult` (scales the release's L) and
-    `num_blocks` (B blocks, each with the L the release's rule gives a C_in/B -> C_out/B layer);
-    `pool_size` replaces the release's
-    choice of branch pooling.
+    `channel_attention`, `channel_fusion`, `latent_mult` (scales the release's L, and the branch
+    width computed from it) and `num_blocks` (B blocks, each with the L the release's rule gives a
+    C_in/B -> C_out/B layer); `pool_size` replaces the release's choice of branch pooling.
     """
 
     def __init__(
@@ -84,7 +88,7 @@ class DCDReleaseConv2d(DCDConv2d):
         check_int(name, "fc_squeeze", fc_squeeze)
         if pool_size is not None:
             check_int(name, "pool_size", pool_size)
-        _, hidden, pool = release_sizes(in_channels, out_channels, layout, fc_squeeze)
+        _, hidden, pool = release_sizes(in_channels, out_channels, layout, fc_squeeze, latent_mult)
         if in_channels % num_blocks or out_channels % num_blocks:
             raise ValueError(
                 f"{name}: num_blocks={num_blocks} must divide in_channels={in_channels} and "

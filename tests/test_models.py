@@ -108,6 +108,18 @@ def test_every_registry_model_runs_forward_and_backward(name: str) -> None:
     out.square().mean().backward()
 
 
+@pytest.mark.parametrize("name", [*list_models("*_lambda_only"), *list_models("*_fusion_only")])
+def test_a_formulation_row_holds_its_formulation_in_every_dynamic_layer(name: str) -> None:
+    """Table 1: a Lambda W0 row has no P Phi Q^T anywhere (its classifier included), and a
+    W0 + P Phi Q^T row no Lambda."""
+    dynamic = [m for m in create_model(name).modules() if hasattr(m, "channel_fusion")]
+    assert dynamic
+    lambda_only = name.endswith("_lambda_only")
+    assert all(m.channel_attention and not m.channel_fusion for m in dynamic) if lambda_only else all(
+        m.channel_fusion and not m.channel_attention for m in dynamic
+    )
+
+
 def test_small_input_backbones() -> None:
     assert ResNet(num_classes=10, depth=10, small_input=True)(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert MobileNetV2(num_classes=10, width_mult=0.5, small_input=True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)

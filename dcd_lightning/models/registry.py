@@ -249,12 +249,16 @@ def _register_paper_models() -> None:
         if (depth, "DY-Conv") in t4b:
             _resnet(depth, "dyconv", "DY-Conv (K=4) on every block convolution; static classifier",
                     (("table4b_resnet", t4b[(depth, "DY-Conv")]),), conv=op("DyConv2d", num_kernels=4))
-    _resnet(18, "dcd_lambda_only", "Lambda W0 on every block convolution (Table 1b)",
+    # Table 1b's last row is Table 4's resnet18_dcd (73.1 in both), whose classifier is dynamic; the
+    # other rows take their formulation there too, so that no Lambda-only row holds a P Phi Q^T
+    _resnet(18, "dcd_lambda_only", "Lambda W0 on every block convolution and the classifier (Table 1b)",
             (("table1b_resnet18_formulations", 1),),
-            conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_fusion=False, pool_size=1), classifier=DCD_CLS)
-    _resnet(18, "dcd_fusion_only", "W0 + P Phi Q^T on every block convolution (Table 1b)",
+            conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_fusion=False, pool_size=1),
+            classifier=op("DCDReleaseLinear", channel_fusion=False))
+    _resnet(18, "dcd_fusion_only", "W0 + P Phi Q^T on every block convolution and the classifier (Table 1b)",
             (("table1b_resnet18_formulations", 2),),
-            conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_attention=False), classifier=DCD_CLS)
+            conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_attention=False),
+            classifier=op("DCDReleaseLinear", channel_attention=False))
     # Section 5.2 compares joint fusion (71.3) with channel fusion alone (73.1, the release-structured
     # resnet18_dcd). The release has no joint fusion, so the joint model takes the paper's own form
     # (Eq. 9, its defaults for L and L_k, the paper's branch); resnet18_dcd_channel is channel fusion

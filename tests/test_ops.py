@@ -358,9 +358,16 @@ def test_latent_dim_rule() -> None:
     assert DCDConv2d(64, 64, latent_mult=0.5).latent_dim == 2
     assert DCDConv2d(256, 256, latent_mult=0.75).latent_dim == 6
     assert DCDConv2d(256, 256, num_blocks=4).latent_dim == latent_dim_rule(64) == 4
-    # Eq. 9 defaults: L_k = floor(k^2 / 2), L from C / L_k
-    joint = DCDConv2d(256, 256, 3, fusion="joint")
-    assert joint.kernel_latent_dim == 4 and joint.latent_dim == latent_dim_rule(64)
+    # Eq. 9 defaults: L_k = floor(k^2 / 2), L from C / L_k under joint fusion's L^2 L_k <= C: the
+    # printed formula's L where it meets that constraint (C = 64, 256), halved further where not
+    joint = [DCDConv2d(c, c, 3, fusion="joint") for c in (64, 128, 256, 512)]
+    assert [layer.kernel_latent_dim for layer in joint] == [4] * 4
+    assert [layer.latent_dim for layer in joint] == [4, 4, 8, 8]
+    assert [latent_dim_rule(c // 4, "formula") for c in (64, 128, 256, 512)] == [4, 8, 8, 16]
+    for channels in range(1, 2000):
+        assert latent_dim_rule(channels, strict=False) ** 2 <= channels
+        if latent_dim_rule(channels, "formula") ** 2 <= channels:
+            assert latent_dim_rule(channels, strict=False) == latent_dim_rule(channels, "formula")
     assert DCDDepthwiseConv2d(32, 32, 5).kernel_latent_dim == 12
 
 

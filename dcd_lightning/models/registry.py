@@ -260,9 +260,10 @@ def _register_paper_models() -> None:
             conv=op("DCDReleaseConv2d", layout="resnet_basic", channel_attention=False),
             classifier=op("DCDReleaseLinear", channel_attention=False))
     # Section 5.2 compares joint fusion (71.3) with channel fusion alone (73.1, the release-structured
-    # resnet18_dcd). The release has no joint fusion, so the joint model takes the paper's own form
-    # (Eq. 9, its defaults for L and L_k, the paper's branch); resnet18_dcd_channel is channel fusion
-    # in that same form, so that the two differ in the fusion alone.
+    # resnet18_dcd). The release has no joint fusion, so the joint model's block convolutions take the
+    # paper's own form (Eq. 9, its defaults for L and L_k, the paper's branch); resnet18_dcd_channel is
+    # channel fusion in that same form, so that the two differ in the fusion alone. Both keep
+    # resnet18_dcd's classifier, the release's dynamic one.
     _resnet(18, "dcd_joint", "DCD by joint fusion of channels and kernel elements (Eq. 9; Section 5.2)", (),
             conv=op("DCDConv2d", fusion="joint"), classifier=DCD_CLS)
     _resnet(18, "dcd_channel", "DCD by channel fusion alone in the paper's form, resnet18_dcd_joint's counterpart "

@@ -66,19 +66,22 @@ def check_input(op: str, x: Tensor, rank: int, channels: int) -> None:
         )
 
 
-def latent_dim_rule(channels: int, rule: LatentRule = "halving") -> int:
+def latent_dim_rule(channels: int, rule: LatentRule = "halving", *, strict: bool = True) -> int:
     """Default latent dimension L for `channels` channels (Section 3.2).
 
     "halving" divides C by 2 until it is below sqrt(C), as the paper's text says, so that L^2 < C
     holds; "formula" is the printed floor(C / 2^floor(log2 sqrt(C))), which gives L >= sqrt(C).
+    `strict=False` halves only until floor(L)^2 <= C: joint fusion's constraint (Section 4.3,
+    L^2 L_k <= C, with C / L_k passed as `channels`). There the printed formula holds wherever it
+    meets that constraint (C / L_k = 16 or 64: L = 4 or 8), and halving goes on where it does not
+    (32 or 128: 4 or 8, where the formula gives 8 or 16).
     """
     if channels < 1:
         raise ValueError(f"latent_dim_rule: channels={channels} must be >= 1")
     if rule == "formula":
         return max(1, channels // 2 ** math.floor(math.log2(math.sqrt(channels))))
-    root = math.sqrt(channels)
     value = float(channels)
-    while value >= root and value >= 2:
+    while (value * value >= channels if strict else int(value) ** 2 > channels) and value >= 2:
         value /= 2
     return max(1, int(value))
 

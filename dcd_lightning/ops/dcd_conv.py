@@ -51,7 +51,7 @@ class DCDConv2d(nn.Module):
     `pool_size=2` give the structure of the official release (see DCDReleaseConv2d).
 
     L defaults to the paper's rule (Section 3.2) on the wider of C_in and C_out (for joint fusion on
-    that divided by L_k), scaled by `latent_mult`. With B blocks each block gets the L of a layer
+    that divided by L_k, with its constraint L^2 L_k <= C), scaled by `latent_mult`. With B blocks each block gets the L of a layer
     with C / B channels (this reproduces Table 3a's Params and MAdds on the release's structure);
     `latent_dim` sets the per-block size outright. The branch
     width is C_in * pool_size^2 / `reduction` (r), or `branch_hidden`.
@@ -180,7 +180,7 @@ class DCDConv2d(nn.Module):
                 )
             self.latent_dim = latent_dim or scaled_latent(
                 name,
-                latent_dim_rule(max(1, wider // self.kernel_latent_dim), latent_rule),
+                latent_dim_rule(max(1, wider // self.kernel_latent_dim), latent_rule, strict=False),
                 latent_mult,
                 wider,
                 "the wider side's channels",

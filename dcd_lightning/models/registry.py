@@ -181,7 +181,8 @@ def _register_paper_models() -> None:
                             ("table3a_mobilenetv2_x0.5_blocks", 0), ("table3b_mobilenetv2_x0.5_placement", 0)]
         _mobilenetv2(width, "static", "static MobileNetV2", tuple(static_rows))
         _mobilenetv2(
-            width, "dyconv", "DY-Conv (K=4) on every convolution but the stem; static classifier",
+            width, "dyconv", "DY-Conv (K=4) on every convolution but the stem, the first block's projection and the "
+            "last 1x1 convolution; static classifier",
             (("table4a_mobilenetv2", t4a[(width, "DY-Conv")]),),
             pointwise=op("DyConv2d", num_kernels=4), depthwise=op("DyConv2d", num_kernels=4),
         )

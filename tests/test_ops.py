@@ -348,6 +348,18 @@ def test_dcd_parameter_count_matches_section_3_4(channels: int, reduction: int) 
     assert sum(p.numel() for p in op.parameters()) == expected
 
 
+def test_dcd_madds_count_lambda_with_the_residual() -> None:
+    """A 3x3 DCD layer's dynamic part, 64 -> 64 channels, L = 4, at the cheaper route. On the
+    activations (8x8): Q 64*4*64, Phi 16*64, P 64*4*64, and Lambda on the output 64*64. Forming
+    the kernel (56x56): Phi Q^T then P (64*4*(4+64)), and Lambda W0 plus the residual over all
+    nine taps (64*64*9)."""
+    op = DCDConv2d(64, 64, 3, latent_dim=4)
+    for size, dynamic in ((8, 16384 + 1024 + 16384 + 4096), (56, 64 * 4 * 68 + 64 * 64 * 9)):
+        assert op.madds(size, size) - op.branch_madds() - 64 * 64 * 9 * size * size == dynamic
+    plain = DCDConv2d(64, 64, 3, latent_dim=4, channel_attention=False)  # no Lambda: W0 + the centre tap
+    assert plain.madds(56, 56) - plain.branch_madds() - 64 * 64 * 9 * 56 * 56 == 64 * 4 * 68 + 64 * 64
+
+
 def test_latent_dim_rule() -> None:
     # "dividing C by 2 repeatedly until it is less than sqrt(C)" (Section 3.2)
     assert [latent_dim_rule(c) for c in (64, 96, 128, 256, 320, 1280)] == [4, 6, 8, 8, 10, 20]

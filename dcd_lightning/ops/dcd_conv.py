@@ -337,18 +337,23 @@ class DCDConv2d(nn.Module):
     def madds(self, height: int, width: int) -> int:
         """MAdds per sample for an input of height x width, each dynamic part at its cheaper route.
 
-        Static kernel + dynamic branch + the residual either formed per sample or applied to the
-        activations (whichever costs less); Lambda alone costs min(scaling W0, scaling the output).
+        Static kernel + dynamic branch + Lambda and the residual, either formed into each sample's
+        kernel or applied to the activations (whichever costs less); Lambda alone costs
+        min(scaling W0, scaling the output).
         """
         h_out, w_out = output_size(height, width, self.stride)
         kernel_area = self.kernel_size**2
         static = self.out_channels * self.in_channels * kernel_area * h_out * w_out
         if self.channel_fusion:
+            # Q, Phi, P on the activations, and Lambda on the output
             dynamic = self.residual_madds(h_out, w_out, "activations")
+            dynamic += self.out_channels * h_out * w_out if self.channel_attention else 0
             if self.fusion == "channel":
-                # or form each sample's kernel, adding the 1x1 residual into W0's centre tap
+                # or form each sample's kernel: Lambda W0 (every tap) + the 1x1 residual at the centre
+                # tap, one multiply-add per element; without Lambda, the residual added to W0
                 rows, cols, latent = self.out_channels // self.num_blocks, self.in_channels // self.num_blocks, self.latent_dim
-                formed = self.num_blocks * rows * latent * (latent + cols) + self.out_channels * self.in_channels
+                taps = kernel_area if self.channel_attention else 1
+                formed = self.num_blocks * rows * latent * (latent + cols) + self.out_channels * self.in_channels * taps
                 dynamic = min(dynamic, formed)
         else:
             dynamic = min(self.out_channels * self.in_channels * kernel_area, self.out_channels * h_out * w_out)

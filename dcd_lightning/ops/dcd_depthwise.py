@@ -172,6 +172,7 @@ class DCDDepthwiseConv2d(nn.Module):
         if self.channel_fusion:
             by_kernel = c * (kl * kl + kl * area + area)
             by_activations = c * kl * area * pixels + c * kl * kl + c * kl * pixels
+            by_activations += c * pixels if self.channel_attention else 0  # Lambda on the output
             dynamic = min(by_kernel, by_activations)
         else:
             dynamic = min(c * area, c * pixels)

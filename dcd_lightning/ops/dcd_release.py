@@ -26,7 +26,7 @@ def release_sizes(
     mobilenetv2: DYModule; resnet_basic: the 3x3 convs of BasicBlock (conv_basic_dy);
     resnet_bottleneck: the convs of Bottleneck (conv_dy). `fc_squeeze` only applies to mobilenetv2.
     The release computes the branch width from L, so a `latent_mult` (Table 2) scales L first and
-    the width follows it; this is what reproduces Table 2's parameter counts (2.57M / 2.45M / 2.38M
+    the width follows it; this is what reproduces Table 2's parameter counts (2.57M / 2.45M / 2.37M
     against the paper's 2.6M / 2.5M / 2.4M; keeping the unscaled L's width gives 2.70M / 2.57M /
     2.48M).
     """

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .analysis import _PhiStatistics, dcd_layers
 from .classifier import stepping
@@ -98,7 +99,19 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_last_if_missed(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Save last.ckpt unless nothing new happened since the last save (then say it holds it)."""
+        """Save last.ckpt unless nothing new happened since the last save (then say it holds it).
+
+        With several processes, only on Ctrl-C or SIGTERM, which reach every process: saving takes
+        all of them (barriers, and rank 0 writes), so a crash of one process would wait forever for
+        the others, which are still inside a training step, and the run would hang without a word.
+        """
+        if trainer.world_size > 1 and not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            held = (f"{self.last_model_path} holds the last save; resume with --ckpt_path last" if self.last_model_path
+                    else "no checkpoint was written before it")
+            print(f"[dcd-lightning] rank {trainer.global_rank}: {type(exception).__name__} in one of "
+                  f"{trainer.world_size} processes; not saving a checkpoint (the others are not at the same "
+                  f"step); {held}", flush=True)
+            return
         if not self._should_save_on_exception(trainer):
             current = self.save_last and self._last_saved_step == trainer.global_step
             if current and self._fitting(trainer) and trainer.is_global_zero:

@@ -420,6 +420,29 @@ def test_a_batch_with_no_readable_image_stops_a_multi_process_run(name: str) -> 
     assert data.on_before_batch_transfer(None, 0) is None
 
 
+def test_a_crash_in_one_of_two_processes_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    """A corrupt training image read by one of two DDP processes: that process raises, and the
+    run ends with the error. Saving a checkpoint on the exception takes every process, and the
+    other one is inside a training step: that save used to hang the run with no message."""
+    root = write_image_folder(tmp_path / "images", per_class=4)
+    bad = sorted((root / "train").rglob("*.JPEG"))[5]
+    bad.write_bytes(b"not a jpeg")
+    config = str(ROOT / "configs" / "paper" / "table4_resnet10_static.yaml")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dcd_lightning", "fit", "--config", config, *tiny_imagenet_args(root),
+             "--data.init_args.train_crop=32", "--data.init_args.eval_resize=36", "--data.init_args.eval_crop=32",
+             "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1", "--trainer.logger=false",
+             f"--trainer.default_root_dir={tmp_path / 'run'}"],
+            capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False,
+        )
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the run hung after the crash: {str(hung.stderr)[-2000:]}")
+    assert result.returncode != 0
+    assert f"cannot read image {bad.relative_to(tmp_path)}" in result.stderr or f"cannot read image {bad}" in result.stderr
+    assert "processes; not saving a checkpoint" in result.stdout
+
+
 def test_missing_root_names_the_path_and_layout(tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "paper" / "table4_resnet18_static.yaml")
     with pytest.raises(FileNotFoundError, match=rf"root '{tmp_path / 'nowhere'}' does not exist; expected root/train"):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .data.sampling import sample_seed
@@ -71,7 +72,8 @@ class ImageClassifier(L.LightningModule):
     Schedules: "cosine" to 0, "step" (divide by 10 every `step_epochs`), "constant"; each after
     `warmup_epochs` of linear warm-up, updated every optimizer step. `decay_norm_and_bias=False`
     exempts normalisation weights and biases (every parameter with one dimension) from weight decay.
-    Logs train/loss, train/acc1, val/loss, val/acc1, val/acc5, test/acc1, test/acc5 (fractions) and lr.
+    Logs train/loss_step, train/loss_epoch, train/acc1, val/loss, val/acc1, val/acc5, test/acc1,
+    test/acc5 (fractions) and lr; samples labelled -1 (EvalShard's padding under DDP) are not counted.
 
     For GPUs: `channels_last` stores the backbone's weights and feeds its images channels-last (the
     layout tensor cores' convolutions take; every operator keeps it), with `trainer.precision:
@@ -139,6 +141,7 @@ class ImageClassifier(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{stage}_acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro") for stage in ("train", "val", "test")}
             | {f"{stage}_acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro") for stage in ("val", "test")}
+            | {f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")}
         )
 
     def setup(self, stage: str) -> None:
@@ -223,7 +226,10 @@ class ImageClassifier(L.LightningModule):
         else:
             logits = self(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # the step's loss is this process's; the epoch's, a mean over every process's samples
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.metrics["train_loss"].update(loss.detach(), weight=len(images))
+        self.log("train/loss_epoch", self.metrics["train_loss"], on_step=False, on_epoch=True)
         self.metrics["train_acc1"](logits, targets)
         self.log("train/acc1", self.metrics["train_acc1"], prog_bar=True, on_step=True, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -234,7 +240,14 @@ class ImageClassifier(L.LightningModule):
             return  # itself skips such a training batch
         images, targets = batch[0], batch[1]
         logits = self(images)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), prog_bar=True, sync_dist=True)
+        counted = targets >= 0  # label -1: a place a process repeats to fill its share under DDP (EvalShard)
+        if not bool(counted.all()):
+            logits, targets = logits[counted], targets[counted]
+        # a metric, not self.log's sync_dist mean: that divides the summed sample counts by the
+        # process count in integers (135 and 134 samples on two processes counted as 2 x 134)
+        metric = self.metrics[f"{stage}_loss"]
+        metric.update(F.cross_entropy(logits, targets, reduction="sum") / max(1, len(targets)), weight=len(targets))
+        self.log(f"{stage}/loss", metric, prog_bar=True)
         for k in ("1", "5"):
             metric = self.metrics[f"{stage}_acc{k}"]
             metric(logits, targets)

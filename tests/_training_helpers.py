@@ -40,3 +40,17 @@ class RecordSampleIds(Callback):
         os.makedirs(self.folder, exist_ok=True)
         with open(os.path.join(self.folder, f"ids-rank{trainer.global_rank}.txt"), "a") as out:
             out.write(" ".join(str(int(i)) for i in batch[2]) + "\n")
+
+
+class RecordLosses(Callback):
+    """Append each training batch's loss and size to <folder>/loss-rank<R>.txt (one line per batch)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        import os
+
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"loss-rank{trainer.global_rank}.txt"), "a") as out:
+            out.write(f"{float(outputs['loss']):.10g} {len(batch[1])}\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -460,6 +462,50 @@ def test_a_folder_smaller_than_the_batch_trains_on_one_partial_batch(image_folde
         fit("--config", config, *tiny_imagenet_args(image_folder), "--data.init_args.batch_size=8",
             "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false")
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_eval_shards_count_every_image_once() -> None:
+    from dcd_lightning.data.sampling import EvalShard, MarkedPadding
+
+    data = [(torch.zeros(1), torch.tensor(i % 3)) for i in range(269)]
+    shards = [list(EvalShard(len(data), 4, rank)) for rank in range(4)]
+    assert [len(s) for s in shards] == [68] * 4  # the same count on every process, as DDP needs
+    samples = [MarkedPadding(data)[key] for shard in shards for key in shard]
+    assert sum(int(label) == -1 for _, label in samples) == 4 * 68 - 269
+    assert sorted(key for shard in shards for key in shard if key < 269) == list(range(269))
+
+
+def test_ddp_epoch_loss_and_validation_equal_one_process(tmp_path: Path) -> None:
+    """Two processes (gloo): train/loss_epoch is the mean over both processes' batches (it was
+    rank 0's), and validation of the 269 digits counts each once (DistributedSampler's padding
+    made it 270, with one image twice): the figures equal a one-process validation's."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    common = ["--config", QUICKSTART, *QUIET, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "dcd_lightning", "fit", *common, "--trainer.devices=2", "--trainer.strategy=ddp",
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+         "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+         "--trainer.callbacks+=_training_helpers.RecordLosses", f"--trainer.callbacks.folder={tmp_path / 'losses'}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    batches = [line.split() for rank in (0, 1) for line in (tmp_path / "losses" / f"loss-rank{rank}.txt").read_text().splitlines()]
+    expected = sum(float(loss) * int(n) for loss, n in batches) / sum(int(n) for _, n in batches)
+    (logged,) = [float(row["train/loss_epoch"]) for row in metrics(tmp_path) if row.get("train/loss_epoch")]
+    assert logged == pytest.approx(expected, rel=1e-5)
+
+    def validate(*extra: str) -> dict[str, float]:
+        run = subprocess.run(
+            [sys.executable, "-m", "dcd_lightning", "validate", *common, "--ckpt_path=last", *extra],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        return {key: float(value) for key, value in re.findall(r"(val/\w+)[\s│|]+([0-9.]+)", run.stdout)}
+
+    one, two = validate(), validate("--trainer.devices=2", "--trainer.strategy=ddp")
+    assert set(one) == {"val/loss", "val/acc1", "val/acc5"}
+    assert two == pytest.approx(one, rel=1e-6)
+    assert round(one["val/acc1"] * 269, 4) == round(one["val/acc1"] * 269)  # a count of the 269 images
 
 
 def test_the_partial_batch_is_kept_per_process_under_ddp(image_folder: Path) -> None:

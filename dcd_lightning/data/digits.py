@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch
+from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch, eval_sampling
 
 
 class _TensorImages(Dataset):
@@ -71,12 +71,13 @@ class DigitsDataModule(L.LightningDataModule):
         for name, idx in parts.items():
             self.splits[name] = _TensorImages(images[idx], labels[idx], shift if name == "train" else 0)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, evaluate: bool = False) -> DataLoader:
         data = self.splits[split]
+        dataset, sampler = eval_sampling(self, data) if evaluate else (data, None)
         return DataLoader(
-            EpochSeeded(data, self.hparams.split_seed) if shuffle else data,
+            EpochSeeded(data, self.hparams.split_seed) if shuffle else dataset,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(data), self.hparams.split_seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(data), self.hparams.split_seed) if shuffle else sampler,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle and drop_last_batch(self, len(data), self.hparams.batch_size),
@@ -87,12 +88,12 @@ class DigitsDataModule(L.LightningDataModule):
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader("val", False)
+        """Validation batches (under DDP, each image counted once: EvalShard)."""
+        return self._loader("val", False, evaluate=True)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader("test", False)
+        """Test batches (under DDP, each image counted once: EvalShard)."""
+        return self._loader("test", False, evaluate=True)
 
     def predict_dataloader(self) -> DataLoader:
         """The test split, for predict."""

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets, transforms
 
-from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch
+from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch, eval_sampling
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (torchvision ImageFolder layout)"
@@ -158,12 +158,13 @@ class ImageNetDataModule(L.LightningDataModule):
         """The class folder names, once set up (predict saves them with the probabilities)."""
         return self.datasets["val"].classes if "val" in self.datasets else None
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, evaluate: bool = False) -> DataLoader:
         data = self.datasets[split]
+        dataset, sampler = eval_sampling(self, data) if evaluate else (data, None)
         return DataLoader(
-            EpochSeeded(data, self.hparams.seed) if shuffle else data,
+            EpochSeeded(data, self.hparams.seed) if shuffle else dataset,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(data), self.hparams.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(data), self.hparams.seed) if shuffle else sampler,
             drop_last=shuffle and drop_last_batch(self, len(data), self.hparams.batch_size),
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
@@ -180,12 +181,12 @@ class ImageNetDataModule(L.LightningDataModule):
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader("val", False)
+        """Validation batches (under DDP, each image counted once: EvalShard)."""
+        return self._loader("val", False, evaluate=True)
 
     def test_dataloader(self) -> DataLoader:
         """ImageNet has no public test labels: the validation split."""
-        return self._loader("val", False)
+        return self._loader("val", False, evaluate=True)
 
     def predict_dataloader(self) -> DataLoader:
         """The validation split."""

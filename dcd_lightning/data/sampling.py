@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 def sample_seed(*parts: int) -> int:
@@ -98,3 +98,51 @@ def warn_partial_batch(module: Any, length: int, per_process: int, batch_size: i
         f"batch_size={batch_size}; each epoch is one partial batch (lower data.init_args.batch_size for more)",
         stacklevel=3,
     )
+
+
+class EvalShard(DistributedSampler):
+    """One process's part of a validation or test split under DDP, each image counted once.
+
+    Every process gets the same number of samples, as Lightning's DistributedSampler gives them
+    (DDP's collectives need the same number of batches on every process); that sampler fills the
+    last places by repeating the first images, which then count twice in the metrics (e.g. 270
+    images evaluated for 269). Here those places come as index + length, which MarkedPadding
+    reads as the image at index with the label -1, and the classifier's loss and metrics skip
+    such samples: the figures equal one process's.
+    """
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        length = len(self.dataset)  # type: ignore[arg-type]
+        padded = [*range(length), *(length + i % length for i in range(self.total_size - length))]
+        return iter(padded[self.rank : self.total_size : self.num_replicas])
+
+
+class MarkedPadding(Dataset):
+    """`dataset`, with keys length + i read as sample i labelled -1 (EvalShard's padding)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int) -> Any:
+        if key < len(self):
+            return self.dataset[key]
+        sample = self.dataset[key - len(self)]
+        if sample is None:  # an unreadable image, skipped (skip_corrupt)
+            return None
+        label = torch.tensor(-1) if isinstance(sample[1], torch.Tensor) else -1
+        return (sample[0], label, *sample[2:])
+
+
+def eval_sampling(module: Any, dataset: Dataset) -> tuple[Dataset, Sampler[int] | None]:
+    """(dataset, sampler) of a validation or test loader: under DDP, EvalShard over MarkedPadding;
+    in one process, the dataset in order."""
+    processes = processes_of(module)
+    if processes == 1:
+        return dataset, None
+    return MarkedPadding(dataset), EvalShard(len(dataset), processes, int(module.trainer.global_rank))  # type: ignore[arg-type]

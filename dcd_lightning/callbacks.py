@@ -61,6 +61,10 @@ class TemperatureSchedule(Callback):
         return {"start": self.start, "end": self.end, "epochs": self.epochs}
 
 
+class ResumeMismatchError(ValueError):
+    """A mid-epoch checkpoint resumed with another number of processes or batch size."""
+
+
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes `last.ckpt` at the end of every training epoch (and wherever
     ModelCheckpoint saves, after a validation), whether or not the monitored score improved, and,
@@ -105,6 +109,8 @@ class RunCheckpoint(ModelCheckpoint):
         all of them (barriers, and rank 0 writes), so a crash of one process would wait forever for
         the others, which are still inside a training step, and the run would hang without a word.
         """
+        if isinstance(exception, ResumeMismatchError):  # stopped before training: the checkpoint stands
+            return
         if trainer.world_size > 1 and not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             held = (f"{self.last_model_path} holds the last save; resume with --ckpt_path last" if self.last_model_path
                     else "no checkpoint was written before it")
@@ -260,7 +266,41 @@ class RestoreLoaderPosition(Callback):
       the resumed epoch here.
 
     In each case the iterator is then made again.
+
+    A mid-epoch position is one of a number of processes and a batch size: the checkpoint records
+    both, and a run resumed mid-epoch with others stops with a ResumeMismatchError (the samples it
+    would skip are not the ones the stopped run trained on) before it trains; the checkpoint is
+    left as it was.
     """
+
+    _saved: dict[str, int] | None = None
+
+    @staticmethod
+    def _shape(trainer: L.Trainer) -> dict[str, int]:
+        """The processes and the per-process training batch size a loader position depends on."""
+        loaders = trainer.fit_loop._combined_loader
+        first = loaders.flattened[0] if loaders is not None and loaders.flattened else None
+        return {"world_size": trainer.world_size, "batch_size": int(getattr(first, "batch_size", 0) or 0)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Record the number of processes and the batch size beside the loader's position."""
+        checkpoint["dcd_lightning_loader"] = self._shape(trainer)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep what the checkpoint recorded (absent in checkpoints of older versions)."""
+        self._saved = checkpoint.get("dcd_lightning_loader")
+
+    def _refuse_another_shape(self, trainer: L.Trainer) -> None:
+        now = self._shape(trainer)
+        if not self._saved or all(not self._saved.get(k) or self._saved[k] == now[k] for k in now):
+            return
+        raise ResumeMismatchError(
+            f"{trainer.ckpt_path} was written mid-epoch (epoch {trainer.current_epoch}, step {trainer.global_step}) "
+            f"by {self._saved['world_size']} process(es) at batch_size {self._saved['batch_size']}; this run has "
+            f"{now['world_size']} at batch_size {now['batch_size']}, and would skip other samples than the ones "
+            "trained on. Resume with the same trainer.devices x trainer.num_nodes and data.init_args.batch_size, "
+            "or from a checkpoint written at an epoch's end (checkpoints/best-*.ckpt)"
+        )
 
     @staticmethod
     def _batches_done(trainer: L.Trainer) -> int:
@@ -282,6 +322,8 @@ class RestoreLoaderPosition(Callback):
         if loop._combined_loader is None or loop._data_fetcher is None:
             return
         states = getattr(loop, "_combined_loader_states_to_load", None)
+        if done:
+            self._refuse_another_shape(trainer)
         if states:
             loop._combined_loader._load_state_dicts(states)
             loop._combined_loader_states_to_load = []

@@ -150,6 +150,20 @@ def test_ctrl_c_mid_epoch_resumes_with_the_batches_not_yet_seen(tmp_path: Path, 
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
 
 
+def test_a_mid_epoch_resume_with_another_batch_size_is_refused(tmp_path: Path) -> None:
+    """A mid-epoch position is one of a batch size and a number of processes: resumed with another,
+    the run would skip other samples than it trained on. It stops before training, naming both,
+    and leaves the checkpoint as it was."""
+    _interrupted_fit(*RESUME_ARGS, f"--trainer.default_root_dir={tmp_path}",
+                     "--trainer.callbacks+=_training_helpers.InterruptAtStep", "--trainer.callbacks.step=4")
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match=r"by 1 process\(es\) at batch_size 16; this run has 1 at batch_size 8"):
+        fit(*RESUME_ARGS, "--data.init_args.batch_size=8", f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+    fit(*RESUME_ARGS, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last")  # the same batch size resumes
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+
+
 @pytest.mark.parametrize("val_every", [1, 2])
 def test_last_checkpoint_is_the_last_epoch_when_the_score_does_not_improve(tmp_path: Path, val_every: int) -> None:
     """Monitoring the epoch with mode=min makes epoch 0 the only best one: last.ckpt must still move on."""

@@ -1,7 +1,8 @@
 """`python -m dcd_lightning bench`: whole-model cost of the dynamic models against their static ones.
 
-    python -m dcd_lightning bench [--part latency,train,memory] [--rounds 10] [--latency-rounds 30]
-                                  [--batch-size 32] [--reads-floor]
+    python -m dcd_lightning bench [--part latency,train,memory] [--models GROUP,...] [--rounds 10]
+                                  [--latency-rounds 30] [--train-group mobilenetv2_x0.5]
+                                  [--batch-size 32] [--device cpu|cuda] [--reads-floor]
 
 (a) latency: batch-1, single-thread CPU inference at 224x224 of each Table 4 model, interleaved with
     its static model round by round, after optimize_for_inference on both (batch norms folded into
@@ -24,12 +25,14 @@
 (b) train: one training step (forward, backward, SGD step) at a realistic batch, ratio to static.
 (c) memory: peak memory of two training steps, ratio to static. On the CPU each model runs in a
     child process and the figure is its peak resident memory (Linux VmHWM, reset before the model
-    is built) above what it held then: weights, gradients, optimizer state and activations, not the
-    interpreter and libraries; on a GPU, torch.cuda's peak allocation.
+    is built) above what it held then: weights, gradients, optimizer state, the batch and the
+    activations, not the interpreter and libraries (a tiny network's training steps first set those
+    up); on a GPU, torch.cuda's peak allocation. One figure per model, no interval.
 Times are medians; a ratio is the median over rounds of the model's time / its static model's time
-in the same round, which cancels a shared machine's slow drifts; beside it, a distribution-free 95%
-confidence interval of that median (median_interval: two order statistics of the rounds' ratios),
-so a ratio near a target reads as above it, below it, or not told apart by these rounds. On Linux,
+in the same round, which cancels a shared machine's slow drifts; beside it, a distribution-free
+confidence interval of that median (median_interval: two order statistics of the rounds' ratios;
+its header gives its exact coverage, at least 95% from 6 rounds on, 94% at 5, 50% at 2), so a ratio
+near a target reads as above it, below it, or not told apart by these rounds. On Linux,
 glibc malloc's thresholds are pinned first (steady_allocator), or page faults from whichever model
 allocated first would weigh on one side. Ratios are the numbers to read; absolute times on a
 shared machine are not stable.
@@ -88,6 +91,18 @@ def steady_allocator() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def _interval_ranks(n: int, z: float = 1.96) -> tuple[int, int]:
+    half = z * math.sqrt(n) / 2
+    return min(max(round(n / 2 - half), 1), n), min(max(round(1 + n / 2 + half), 1), n)
+
+
+def interval_coverage(n: int) -> float:
+    """The exact probability that median_interval of n independent values holds their median: 0
+    for 1 value, 50% for 2, 94% for 5, at least 95% from 6 on."""
+    low, high = _interval_ranks(n)
+    return sum(math.comb(n, k) for k in range(low, high)) / 2**n
+
+
 def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
     """A distribution-free confidence interval of the median of `values` (95% for z = 1.96): the
     order statistics of ranks n/2 - z sqrt(n)/2 and 1 + n/2 + z sqrt(n)/2 (1-based, rounded, within
@@ -96,10 +111,8 @@ def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]
     94% coverage)."""
     if not values:
         raise ValueError("median_interval: no values")
-    ordered, n = sorted(values), len(values)
-    half = z * math.sqrt(n) / 2
-    low = min(max(round(n / 2 - half), 1), n)
-    high = min(max(round(1 + n / 2 + half), 1), n)
+    ordered = sorted(values)
+    low, high = _interval_ranks(len(values), z)
     return ordered[low - 1], ordered[high - 1]
 
 
@@ -211,7 +224,8 @@ def latency(groups: dict[str, list[str]], rounds: int, reads_floor: bool = False
 
             results = _interleaved({kind: runner(m) for kind, m in models.items()}, rounds)
             for kind, (seconds, ratio, interval) in results.items():
-                rows.append({"model": f"{prefix}_{kind}", "ms": seconds * 1e3, "ratio": ratio, "interval": interval})
+                rows.append({"model": f"{prefix}_{kind}", "ms": seconds * 1e3, "ratio": ratio, "interval": interval,
+                             "rounds": rounds})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -228,8 +242,8 @@ def _train_step_fn(name: str, batch_size: int, device: str) -> Callable[[], obje
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         return loss
 
     return step
@@ -239,13 +253,16 @@ def train(prefix: str, kinds: list[str], batch_size: int, rounds: int, device: s
     """Training step time of each model, against the static one, interleaved."""
     names = [f"{prefix}_{kind}" for kind in ["static", *kinds]]
     results = _interleaved({n: _train_step_fn(n, batch_size, device) for n in names}, rounds)
-    return [{"model": n, "ms": results[n][0] * 1e3, "ratio": results[n][1], "interval": results[n][2]} for n in names]
+    return [{"model": n, "ms": results[n][0] * 1e3, "ratio": results[n][1], "interval": results[n][2], "rounds": rounds}
+            for n in names]
 
 
 _CHILD = """
 import json, sys, torch
-from dcd_lightning.bench_models import _train_step_fn, _rss_kib
+from dcd_lightning.bench_models import _train_step_fn, _rss_kib, _warm_up_libraries
 name, batch, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cuda = torch.device(device).type == "cuda"
+_warm_up_libraries(device)
 base = _rss_kib("VmRSS")
 try:
     with open("/proc/self/clear_refs", "w") as refs:
@@ -253,12 +270,29 @@ try:
 except OSError:
     pass
 step = _train_step_fn(name, batch, device)
-if device == "cuda":
-    torch.cuda.reset_peak_memory_stats()
+if cuda:
+    torch.cuda.reset_peak_memory_stats(device)
 step(); step()
-peak = torch.cuda.max_memory_allocated() if device == "cuda" else (_rss_kib("VmHWM") - base) * 1024
+peak = torch.cuda.max_memory_allocated(device) if cuda else (_rss_kib("VmHWM") - base) * 1024
 print(json.dumps({"peak_bytes": peak}))
 """
+
+
+def _warm_up_libraries(device: str) -> None:
+    """Two training steps of a tiny network (a few KiB of tensors), so that what the libraries set
+    up on first use (thread pools, oneDNN's kernels, autograd's engine: ~160-200 MiB of resident
+    memory on the CPU) is in the base that the peak is measured above, not in the model's figure.
+    Its tensors are too small for the model's allocations to reuse their memory."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 1, groups=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    ).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 1], device=device)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
 
 
 def _rss_kib(field: str) -> int:
@@ -275,9 +309,11 @@ def memory(prefix: str, kinds: list[str], batch_size: int, device: str) -> list[
     rows = []
     for kind in ["static", *kinds]:
         name = f"{prefix}_{kind}"
-        out = subprocess.run([sys.executable, "-c", _CHILD, name, str(batch_size), device],
-                             capture_output=True, text=True, check=True).stdout
-        rows.append({"model": name, "peak_mib": json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20})
+        child = subprocess.run([sys.executable, "-c", _CHILD, name, str(batch_size), device],
+                               capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            raise RuntimeError(f"bench: the memory measurement of {name} failed:\n{child.stderr[-2000:]}")
+        rows.append({"model": name, "peak_mib": json.loads(child.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20})
     for row in rows:
         row["ratio"] = row["peak_mib"] / rows[0]["peak_mib"]
     return rows
@@ -286,7 +322,8 @@ def memory(prefix: str, kinds: list[str], batch_size: int, device: str) -> list[
 def _table(title: str, rows: list[dict[str, object]], value: str, unit: str) -> None:
     """A markdown table; where the rows have intervals (timed parts), a column with each ratio's."""
     timed = all("interval" in row for row in rows)
-    head = f"| model | {unit} | / static |" + (" 95% interval |" if timed else "")
+    coverage = f"{interval_coverage(rows[0]['rounds']):.0%}" if timed else ""
+    head = f"| model | {unit} | / static |" + (f" {coverage} interval |" if timed else "")
     print(f"### {title}\n\n{head}\n|---|---:|---:|" + ("---:|" if timed else ""))
     for row in rows:
         cells = f"| {row['model']} | {row[value]:.1f} | {row['ratio']:.3f} |"
@@ -302,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="latency,train,memory", help="comma-separated: latency, train, memory")
-    parser.add_argument("--models", default=",".join(GROUPS), help=f"groups for latency (default: all of {list(GROUPS)})")
+    parser.add_argument("--models", default=",".join(GROUPS),
+                        help=f"groups for latency (default: all of {list(GROUPS)}); train and memory use --train-group")
     parser.add_argument("--train-group", default=TRAIN_GROUP, help="group for train and memory (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the training step (default 10)")
     parser.add_argument("--latency-rounds", type=int, default=None,
@@ -311,12 +349,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency: also time each static model reading its DCD model's extra weights "
                              "(branch, P, Q) at the DCD layers' places, none of DCD's arithmetic")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the training step and memory parts: cpu or cuda[:N] (default: cuda where "
+                             "there is one); latency is always on the CPU")
     args = parser.parse_args(argv)
-    parts = set(args.part.split(","))
-    unknown = parts - {"latency", "train", "memory"} or set(args.models.split(",")) - set(GROUPS)
-    if unknown or args.train_group not in GROUPS:
-        parser.error(f"unknown part or model group: {sorted(unknown) or args.train_group}")
+    parts = {p.strip() for p in args.part.split(",") if p.strip()}
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not parts or parts - {"latency", "train", "memory"}:
+        parser.error(f"--part {args.part!r}: expected a comma-separated list of latency, train, memory")
+    if not models or set(models) - set(GROUPS):
+        parser.error(f"--models {args.models!r}: unknown group(s) {sorted(set(models) - set(GROUPS))}; "
+                     f"expected a comma-separated list of {', '.join(GROUPS)}")
+    if args.train_group not in GROUPS:
+        parser.error(f"--train-group {args.train_group!r}: expected one of {', '.join(GROUPS)}")
+    if args.rounds < 1 or (args.latency_rounds is not None and args.latency_rounds < 1):
+        parser.error(f"--rounds {args.rounds} / --latency-rounds {args.latency_rounds}: expected at least 1 "
+                     "(at least 6 for a 95% interval)")
+    if parts & {"train", "memory"} and args.batch_size < 2:
+        parser.error(f"--batch-size {args.batch_size}: expected at least 2 (DCD's latent batch norms need two "
+                     "samples in training)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device!r}: expected cpu, or cuda[:N] on a machine with a CUDA GPU")
     allocator = "glibc malloc thresholds pinned" if steady_allocator() else "default allocator"
     print(f"machine: {machine()}; device {args.device}; {allocator}\n")
     if "latency" in parts:
@@ -326,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             kernel = (f"built with {Path(compiler()).name}, {vector_bytes()}-byte vectors, "
                       f"{rows} x {vectors} register blocks")
         print(f"batch-1 C kernel of folded DCD layers (ops/_native.c): {kernel}\n")
-        groups = {g: GROUPS[g] for g in args.models.split(",")}
-        rounds = args.latency_rounds or 3 * args.rounds
+        groups = {g: GROUPS[g] for g in models}
+        rounds = args.latency_rounds if args.latency_rounds is not None else 3 * args.rounds
         _table("(a) batch-1 single-thread CPU latency, 224x224", latency(groups, rounds, args.reads_floor), "ms", "ms")
     kinds = GROUPS[args.train_group]
     if "train" in parts:

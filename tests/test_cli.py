@@ -148,8 +148,10 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
         static_rows = [line for line in lines if line.startswith(f"| {group}_static |")]
         assert len(static_rows) == parts and all(line.strip("| ").split(" | ")[2] == "1.000" for line in static_rows)
         assert out.count(f"| {group}_dcd |") == parts and out.count(f"| {group}_dyconv |") == parts
-    # the timed parts give each ratio's 95% interval, which holds the ratio; memory has no rounds
-    assert out.count("| model | ms | / static | 95% interval |") == 2 and "| model | MiB | / static |\n" in out
+    # the timed parts give each ratio's interval, which holds the ratio, headed by its exact coverage
+    # (3 latency rounds: 75%; 1 training round: none); memory has no rounds
+    assert "| model | ms | / static | 75% interval |" in out and "| model | ms | / static | 0% interval |" in out
+    assert "| model | MiB | / static |\n" in out
     rows = [line.strip("| ").split(" | ") for line in lines if line.startswith(("| resnet10_", "| mobilenetv2_x0.35_"))]
     timed = [row for row in rows if len(row) == 4]
     assert len(timed) == len(rows) - 3 == (7 if compiler() is not None else 6)
@@ -169,6 +171,25 @@ def test_bench_models_prints_ratios_to_static(capsys: pytest.CaptureFixture[str]
         # model without the kernel beside it
         assert re.search(r"built with \S+, (16|32|64)-byte vectors, (4 x 4|6 x 2) register blocks", out), out
         assert out.count("| resnet10_dcd (PyTorch calls) |") == 1
+
+
+def test_bench_interval_coverage_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from dcd_lightning.bench_models import interval_coverage
+
+    assert [interval_coverage(n) for n in (1, 2, 5)] == [0.0, 0.5, 0.9375]
+    assert all(interval_coverage(n) >= 0.95 for n in range(6, 200))
+    for argv, message in (
+        (["--rounds", "0"], "expected at least 1"),
+        (["--latency-rounds", "0"], "expected at least 1"),
+        (["--part", "train", "--batch-size", "1"], "--batch-size 1: expected at least 2"),
+        (["--device", "tpu9"], "--device 'tpu9'"),
+        (["--models", "resnet18,resnet99"], "unknown group(s) ['resnet99']; expected a comma-separated list of"),
+        (["--part", "latency,speed"], "expected a comma-separated list of latency, train, memory"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["bench", *argv])
+        assert message in capsys.readouterr().err, argv
+    assert main(["bench", "--part", " latency", "--models", "resnet10 ", "--latency-rounds", "1"]) == 0  # spaces
 
 
 def test_bench_reads_floor_times_the_static_model_reading_dcds_weights(capsys) -> None:

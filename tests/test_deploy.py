@@ -449,7 +449,7 @@ def test_optimize_for_inference_folds_only_pairs_whose_order_it_knows() -> None:
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_static", "resnet10_dcd", "resnet18_dcd_joint",
-                                  "mobilenetv2_x0.5_dyconv"])
+                                  "mobilenetv2_x0.5_dyconv", "resnet10_dyconv", "mobilenetv2_x0.5_condconv"])
 def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None:
     """Every BatchNorm2d after a static or DCD convolution is folded; outputs are unchanged (float64),
     at batch 1 and 3; the model passed in keeps its structure and training behaviour."""
@@ -459,8 +459,9 @@ def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None
     moved = sum(getattr(m, "output_norm", None) is not None for m in optimized.modules())
     left = sum(isinstance(m, nn.BatchNorm2d) for m in optimized.modules()) - moved
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == norms  # the original is untouched
-    # every norm is folded except those after mixture convolutions and joint-fusion DCD (not foldable)
-    unfoldable = sum(isinstance(m, (DyConv2d, CondConv2d)) or (isinstance(m, DCDConv2d) and m.fusion == "joint")
+    # every norm is folded (into DY-Conv's kernels too: its softmax weights sum to 1) except those after
+    # CondConv (sigmoid weights) and joint-fusion DCD, which cannot take them
+    unfoldable = sum(type(m) is CondConv2d or (isinstance(m, DCDConv2d) and m.fusion == "joint")
                      for m in model.modules())
     assert left == unfoldable and (moved > 0) == ("dcd" in name and "joint" not in name)
     images = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

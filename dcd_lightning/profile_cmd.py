@@ -35,8 +35,12 @@ def model_from_config(configs: list[str], overrides: list[str]) -> tuple[nn.Modu
     args: list[str] = []
     for config in configs:
         args += ["--config", config]
+    # only the model is used: a trainer on this machine's CPU, whatever devices the configs ask for
+    # (a GPU preset would otherwise fail here on a machine without one)
     args += list(overrides) + ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                               "--trainer.enable_checkpointing=false"]
+                               "--trainer.enable_checkpointing=false", "--trainer.accelerator=cpu",
+                               "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto",
+                               "--trainer.precision=32-true"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LightningCLI warns when args differ from sys.argv
         cli = DCDLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True,

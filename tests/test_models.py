@@ -228,6 +228,10 @@ def test_profile_json_for_a_paper_config(capsys: pytest.CaptureFixture[str]) -> 
     assert isinstance(data["params"], int) and isinstance(data["madds"], int)
     assert data["params"] == spec_params - data["classifier_params"]  # ResNet: counted without fc
     assert data["paper"][0]["params_m"] == 14.0
+    # with a GPU preset on a machine without a GPU (only the model is needed): the same figures
+    assert main(["profile", "--config", str(config), "--config", str(ROOT / "configs" / "presets" / "ddp.yaml"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["madds"] == data["madds"]
     assert main(["profile", "--model", "mobilenetv2_x0.5_dcd"]) == 0
     text = capsys.readouterr().out
     assert "DCDReleaseConv2d 1x1" in text and "paper table4a_mobilenetv2[7]: params 3.1M" in text

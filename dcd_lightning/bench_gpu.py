@@ -31,9 +31,11 @@ import time
 import traceback
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 
+from ._args import positive_int
 from .bench_ops import machine
 from .models import ResNet, create_model, list_models
 from .ops import CondConv2d, DyConv2d
@@ -219,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--size", type=positive_int, default=224)
+    parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="eager only (as --compile-models '')")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -233,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole run: later measurements are skipped, and a compiled model "
                              "(measured in a child process) is stopped, when they are up")
     args = parser.parse_args(argv)
+    if args.batch_size < 2 or args.warmup < 0:
+        parser.error(f"--batch-size {args.batch_size} / --warmup {args.warmup}: expected a batch of at least 2 (DCD's "
+                     "latent batch norms need two samples in training) and 0 or more warm-up steps")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: its folder does not exist")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cpu":

@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["mobilenetv2", "resnet", "classifier"], help="one family of shapes")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.rounds < 1:
-        parser.error("--batch-size and --rounds must be >= 1")
+    if args.batch_size < 2 or args.rounds < 1 or args.threads < 0:
+        parser.error(f"--batch-size {args.batch_size}, --rounds {args.rounds}, --threads {args.threads}: expected a "
+                     "batch of at least 2 (a training step of the DCD layers with latent batch norms needs two "
+                     "samples), at least 1 round, and 0 or more threads")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES

@@ -97,6 +97,11 @@ def _tiny_folder(root: Path, train_images: int) -> Path:
     (["bench-data", "--folder", "missing"], "--folder missing: expected an ImageFolder tree with train/ and val/"),
     (["bench-data", "--folder", "small", "--batch-size", "2"], "--folder's 3 training images give fewer than 2 batches"),
     (["bench-data", "--images", "0"], "argument --images: 0 is too small"),
+    (["bench-data", "--workers", "2,-1"], "--workers '2,-1': expected a comma-separated list of worker counts"),
+    (["bench-ops", "--threads", "-1"], "0 or more threads"),
+    (["bench-ops", "--quick", "--batch-size", "1"], "--batch-size 1, --rounds 7, --threads 0: expected a batch of at least 2"),
+    (["bench-gpu", "--batch-size", "0"], "argument --batch-size: 0 is too small"),
+    (["bench-gpu", "--device", "cpu", "--out", "missing/x.md"], "--out missing/x.md: its folder does not exist"),
 ])
 def test_tools_report_bad_input_as_usage_errors(args: list[str], message: str, tmp_path: Path, monkeypatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:

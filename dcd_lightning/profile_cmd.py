@@ -57,6 +57,9 @@ def registry_name(config: str) -> str | None:
     return name if name in _REGISTRY else None
 
 
+PAPER_SIZE = 224
+
+
 def same_architecture(model: nn.Module, name: str) -> bool:
     """Whether `model` has the parameters and buffers, by name and shape, of the registry model
     `name` built for as many classes."""
@@ -75,7 +78,7 @@ def same_architecture(model: nn.Module, name: str) -> bool:
 def report(profile: Profile, name: str | None) -> dict[str, Any]:
     """The profile as a JSON-ready dict, with the paper's rows for a registry model."""
     rows = []
-    if name is not None:
+    if name is not None and profile.input_size == PAPER_SIZE:  # the paper counts at 224x224
         for table, index in get_model_spec(name).paper:
             row = paper_row(table, index)
             rows.append({"table": table, "row": index, "params_m": row["params"], "madds_m": row["madds"],
@@ -143,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             name = None
     if args.input_size is not None:
         size = args.input_size
+    if name is not None and size != PAPER_SIZE and get_model_spec(name).paper:
+        print(f"note: the paper's rows count {PAPER_SIZE}x{PAPER_SIZE} images; none is compared at {size}x{size}",
+              file=sys.stderr)
     data = report(profile_model(model, size), name)
     if args.json:
         print(json.dumps(data))

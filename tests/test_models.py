@@ -232,6 +232,10 @@ def test_profile_json_for_a_paper_config(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["profile", "--config", str(config), "--config", str(ROOT / "configs" / "presets" / "ddp.yaml"),
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["madds"] == data["madds"]
+    # another input size than the paper's 224: its rows are not compared
+    assert main(["profile", "--model", "resnet18_dcd", "--input-size", "16", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["paper"] == [] and "none is compared at 16x16" in captured.err
     assert main(["profile", "--model", "mobilenetv2_x0.5_dcd"]) == 0
     text = capsys.readouterr().out
     assert "DCDReleaseConv2d 1x1" in text and "paper table4a_mobilenetv2[7]: params 3.1M" in text

@@ -278,21 +278,29 @@ print(json.dumps({"peak_bytes": peak}))
 """
 
 
-def _warm_up_libraries(device: str) -> None:
+def _warm_up_libraries(device: str, bf16: bool = False, channels_last: bool = False) -> None:
     """Two training steps of a tiny network (a few KiB of tensors), so that what the libraries set
     up on first use (thread pools, oneDNN's kernels, autograd's engine: ~160-200 MiB of resident
-    memory on the CPU) is in the base that the peak is measured above, not in the model's figure.
-    Its tensors are too small for the model's allocations to reuse their memory."""
+    memory on the CPU; on a GPU the CUDA context, cuBLAS and cuDNN) is not counted as the first
+    model's memory or time. Its tensors are too small for the model's allocations to reuse their
+    memory."""
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
         torch.nn.Conv2d(4, 4, 1, groups=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
     ).to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=layout)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
-        x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 1], device=device)
-        torch.nn.functional.cross_entropy(net(x), y).backward()
+        x = torch.randn(2, 3, 8, 8, device=device).to(memory_format=layout)
+        y = torch.tensor([0, 1], device=device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
         optimizer.step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _rss_kib(field: str) -> int:

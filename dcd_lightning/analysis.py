@@ -41,6 +41,14 @@ class _PhiStatistics:
         self.layers = layers
         self.sums: dict[str, list[Tensor | float]] = {}
         self.handles: list[Any] = []
+        # the images of the current batch to count (None: all): not EvalShard's repeats under DDP
+        self.keep: Tensor | None = None
+
+    def _kept(self, values: Tensor) -> Tensor:
+        keep = self.keep
+        if keep is None or keep.shape[0] != values.shape[0] or bool(keep.all()):
+            return values
+        return values[keep.to(values.device)]
 
     def attach(self) -> None:
         for name, module in self.layers:
@@ -60,14 +68,14 @@ class _PhiStatistics:
 
     def _input_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0].detach().double()
+            x = self._kept(args[0].detach()).double()
             self._pending_input = (name, x.numel(), x.sum().item(), x.square().sum().item())
 
         return hook
 
     def _phi_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: tuple[Tensor | None, Tensor | None]) -> None:
-            phi = output[1].detach().double()
+            phi = self._kept(output[1].detach()).double()
             entry = self._entry(name, phi.shape[1], phi.device)
             entry[0] += phi.shape[0]
             entry[1] += phi.sum(dim=0)

@@ -356,6 +356,13 @@ class PhiVarianceMonitor(Callback):
         self._stats.attach()
         self._batches = 0
 
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Count the batch's images once: not those labelled -1 (EvalShard's repeats under DDP)."""
+        if self._stats is not None:
+            labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+            self._stats.keep = labels >= 0 if isinstance(labels, torch.Tensor) else None
+
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         """Stop collecting after max_batches."""

@@ -149,6 +149,26 @@ def test_phi_variance_equals_its_definition() -> None:
     assert same["0"] == pytest.approx(0.0, abs=1e-12)  # one image repeated: nothing varies
 
 
+def test_phi_variance_monitor_skips_the_images_labelled_as_repeats() -> None:
+    """Under DDP, EvalShard's repeated images come labelled -1: the monitor counts each image once."""
+    from dcd_lightning.analysis import _PhiStatistics
+    from dcd_lightning.callbacks import PhiVarianceMonitor
+
+    torch.manual_seed(0)
+    op = DCDConv2d(16, 24, 1, reduction=2).eval()
+    images, labels = torch.randn(6, 16, 6, 6), torch.tensor([0, 1, 2, 0, -1, -1])
+    monitor = PhiVarianceMonitor()
+    monitor._stats = _PhiStatistics([("0", op)])
+    monitor._stats.attach()
+    monitor.on_validation_batch_start(None, None, (images, labels), 0)
+    with torch.no_grad():
+        op(images)
+    monitor._stats.detach()
+    counted = _PhiStatistics.normalized_variance(monitor._stats.as_tensor("0"))
+    assert monitor._stats.sums["0"][0] == 4
+    assert counted == pytest.approx(phi_normalized_variance(torch.nn.Sequential(op), [images[:4]])["0"], rel=1e-9)
+
+
 def test_phi_variance_covers_every_dcd_layer_of_a_model() -> None:
     model = create_model("mobilenetv2_x0.5_dcd_dw_pw", num_classes=10)
     result = phi_normalized_variance(model, [torch.randn(2, 3, 32, 32)])

@@ -187,6 +187,25 @@ def test_a_trace_at_batch_1_runs_at_other_batch_sizes() -> None:
             torch.testing.assert_close(traced(x), op(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: DyConv2d(16, 16, 3, groups=2), lambda: CondConv2d(16, 16, 3, groups=2),
+    lambda: DCDDepthwiseConv2d(16, 16, 3, groups=16), lambda: DCDConv2d(8, 16, 3, pool_size=2),
+], ids=["dyconv", "condconv", "dcd_depthwise", "dcd_pooled_branch"])
+def test_a_users_trace_runs_at_other_batch_sizes_and_passes_its_check(make) -> None:
+    """torch.jit.trace at batch 2, with its default check, then run at batch 5: the mixtures' and the
+    depthwise layer's per-sample groups baked the batch in, and a first trace of a layer with a
+    pooled branch recorded the pooling matrix's construction, which the check's second run (the
+    cached matrix) did not, and failed."""
+    from dcd_lightning.ops import _common
+
+    _common._POOLING.clear()
+    op = make().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(op, (torch.randn(2, op.in_channels, 9, 9),))
+        x = torch.randn(5, op.in_channels, 9, 9)
+        torch.testing.assert_close(traced(x), op(x), rtol=1e-5, atol=1e-5)
+
+
 def test_export_leaves_the_model_in_its_mode() -> None:
     model = create_model("resnet10_static", num_classes=10).train()
     data = export_onnx(model, 32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -191,9 +191,20 @@ def linear_madds(module: torch.nn.Module) -> int:
 
 
 def exporting() -> bool:
-    """True while the model is traced for ONNX or torch.export: routes whose convolution groups
-    depend on the batch size (one group per sample) give way to batch-independent ones there."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    """True while the model is traced (torch.jit.trace, which ONNX export uses too) or exported
+    (torch.export): routes whose convolution groups depend on the batch size (one group per
+    sample) give way to batch-independent ones there, so that the graph runs at any batch."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def _untraced(build: Callable[[], Tensor]) -> Tensor:
+    """`build()` with torch.jit.trace's recording paused: its result enters a trace as a constant."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return build()
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 _CONSTANT_SIZES = [False]
@@ -334,7 +345,9 @@ def pooling_matrix(height: int, width: int, cells: int, dtype: torch.dtype, devi
     key = (height, width, cells, dtype, device)
     if key not in _POOLING:
         with torch.inference_mode(False):  # a normal tensor, usable by autograd after inference
-            _POOLING[key] = _build_pooling_matrix(height, width, cells, dtype, device)
+            # outside a trace's recording, or a trace that fills the cache would record the
+            # construction, and jit.trace's check (which reads the cache) would find another graph
+            _POOLING[key] = _untraced(lambda: _build_pooling_matrix(height, width, cells, dtype, device))
     return _POOLING[key]
 
 

@@ -168,7 +168,7 @@ def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> None:
     conv, norm = parent._modules[conv_name], parent._modules[norm_name]
     if not isinstance(norm, nn.BatchNorm2d) or norm.running_mean is None:
         return
-    if isinstance(conv, DCDConv2d) and conv.fusion == "channel" and conv.output_norm is None:
+    if isinstance(conv, DCDConv2d) and conv.fusion == "channel" and conv.output_norm is None and not conv.redefined():
         conv.output_norm = norm  # the layer applies it, and its fold absorbs it
     elif type(conv) in (nn.Conv2d, StaticConv2d):  # plain convolutions (not subclasses with other forwards)
         parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)

@@ -206,6 +206,39 @@ def test_a_users_trace_runs_at_other_batch_sizes_and_passes_its_check(make) -> N
         torch.testing.assert_close(traced(x), op(x), rtol=1e-5, atol=1e-5)
 
 
+class _HalfGate(DCDConv2d):
+    """A user's variant: Lambda's gate halved and shifted."""
+
+    def coefficients(self, x: torch.Tensor) -> tuple:
+        lam, phi = super().coefficients(x)
+        return (None if lam is None else lam * 0.5 + 0.5), phi
+
+
+class _Gated(DCDConv2d):
+    """A user's variant: the output gated after the layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * torch.sigmoid(x.mean(1, keepdim=True))[..., ::self.stride, ::self.stride]
+
+
+@pytest.mark.parametrize("variant", [_HalfGate, _Gated])
+def test_a_dcd_subclass_that_computes_otherwise_is_not_folded(variant: type) -> None:
+    """The fold (and a batch norm moved into the layer) would compute as DCDConv2d does: a subclass
+    that redefines how the layer computes keeps its own forward, with a warning naming why; the
+    package's own subclasses fold."""
+    model = nn.Sequential(variant(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU()).double().eval()
+    torch.nn.init.normal_(model[0].expand, 0.0, 0.3)
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    with pytest.warns(UserWarning, match=rf"{variant.__name__} is not folded for inference: it redefines"):
+        optimized = optimize_for_inference(model)
+    assert isinstance(optimized[1], nn.BatchNorm2d) and optimized[0]._folded is None
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-12, atol=1e-12)
+    assert DCDReleaseConv2d(8, 16, 3).redefined() == [] and DCDReleaseLinear(8, 4).redefined() == []
+
+
 def test_export_leaves_the_model_in_its_mode() -> None:
     model = create_model("resnet10_static", num_classes=10).train()
     data = export_onnx(model, 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -371,10 +372,27 @@ class DCDConv2d(nn.Module):
         bypasses PyTorch's version counters and is not seen: after one, call this again.
         Under torch.compile the plain path is traced (no graph breaks; the compiler fuses it).
         With `native` (default), one sample on the CPU runs through the C kernel of ops/_native.c
-        where it can be built. Returns False where there is nothing to fold (joint fusion).
+        where it can be built. Returns False where there is nothing to fold (joint fusion), and for
+        a subclass that redefines how the layer computes (see redefined), with a warning: its fold
+        would compute as this class does.
         """
-        self._folded = FoldedDCD(self, native) if self.fusion == "channel" else None
+        redefined = self.redefined()
+        if redefined:
+            warnings.warn(f"{type(self).__name__} is not folded for inference: it redefines {', '.join(redefined)}, "
+                          "which the fold would replace by DCDConv2d's own computation", stacklevel=2)
+        self._folded = FoldedDCD(self, native) if self.fusion == "channel" and not redefined else None
         return self._folded is not None
+
+    def redefined(self) -> list[str]:
+        """The methods of DCDConv2d (and its branch's class) that this layer's class takes from
+        outside this package: where there are any, the inference fold and a batch norm moved into
+        the layer (optimize_for_inference) would not compute what the layer computes."""
+        names = [f"{type(self).__name__}.{name}" for name, value in vars(DCDConv2d).items()
+                 if callable(value) and not name.startswith("__")
+                 and not getattr(getattr(type(self), name), "__module__", "").startswith(__package__ or "dcd_lightning")]
+        if type(self.branch) is not DynamicBranch:
+            names.append(f"its branch ({type(self.branch).__name__})")
+        return names
 
     def __setattr__(self, name: str, value: object) -> None:
         """Assigning a tensor or a module (a new weight, a norm) drops the inference fold."""

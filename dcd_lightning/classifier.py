@@ -72,7 +72,7 @@ class ImageClassifier(L.LightningModule):
     Schedules: "cosine" to 0, "step" (divide by 10 every `step_epochs`), "constant"; each after
     `warmup_epochs` of linear warm-up, updated every optimizer step. `decay_norm_and_bias=False`
     exempts normalisation weights and biases (every parameter with one dimension) from weight decay.
-    Logs train/loss_step, train/loss_epoch, train/acc1, val/loss, val/acc1, val/acc5, test/acc1,
+    Logs train/loss_step, train/loss_epoch, train/acc1_step, train/acc1_epoch, val/loss, val/acc1, val/acc5, test/acc1,
     test/acc5 (fractions) and lr; samples labelled -1 (EvalShard's padding under DDP) are not counted.
 
     For GPUs: `channels_last` stores the backbone's weights and feeds its images channels-last (the

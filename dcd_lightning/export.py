@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._args import positive_int
+from .profiling import input_channels
 
 BATCH_TRACED, BATCH_CHECKED = 2, 3
 # --check passes where the largest |onnxruntime - PyTorch| over the logits is at most TOLERANCE of
@@ -46,7 +47,7 @@ ROUNDING_FACTOR = 10.0
 
 
 def export_onnx(model: nn.Module, image_size: int = 224, path: str | Path | None = None, opset: int = 17) -> bytes:
-    """Export `model` (in eval mode) to ONNX with input "images" (N, 3, S, S) and output "logits"
+    """Export `model` (in eval mode) to ONNX with input "images" (N, C, S, S) and output "logits"
     (N, classes), N dynamic; writes `path` if given and returns the serialised model.
 
     What is exported is optimize_for_inference's copy of the model (without the C kernel, which a
@@ -58,7 +59,7 @@ def export_onnx(model: nn.Module, image_size: int = 224, path: str | Path | None
     from .ops._common import constant_sizes
 
     model = optimize_for_inference(model, native=False)  # an eval-mode copy
-    example = torch.randn(BATCH_TRACED, 3, image_size, image_size)
+    example = torch.randn(BATCH_TRACED, input_channels(model), image_size, image_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), constant_sizes():
         warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic and Python scalars
@@ -83,7 +84,7 @@ def check_onnx(
     ValueError where PyTorch's logits are not all finite."""
     import onnxruntime
 
-    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(batch, input_channels(model), image_size, image_size, generator=torch.Generator().manual_seed(0))
     from .inference import kept_modes
 
     with torch.no_grad(), kept_modes(model):
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size is not None:
         size = args.image_size
     data = export_onnx(model, size, args.out)
-    print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB), input images (N, 3, {size}, {size}), N dynamic")
+    print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB), input images (N, {input_channels(model)}, {size}, {size}), N dynamic")
     if args.check:
         try:
             difference, relative, rounding = check_onnx(model, data, size)

@@ -71,7 +71,16 @@ def classifier_of(model: nn.Module) -> nn.Module | None:
     return head
 
 
-def profile_model(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> Profile:
+def input_channels(model: nn.Module) -> int:
+    """The image channels a model takes: its `in_chans`, else its first layer's `in_channels`, else 3."""
+    given = getattr(model, "in_chans", None)
+    if isinstance(given, int):
+        return given
+    first = next((m for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
+    return first.in_channels if first is not None else 3
+
+
+def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None = None) -> Profile:
     """Count parameters and per-image MAdds of every layer with one eval forward at batch 1."""
     counted: list[tuple[str, nn.Module]] = []
     inside_dynamic: set[int] = set()
@@ -92,7 +101,7 @@ def profile_model(model: nn.Module, input_size: int = 224, in_chans: int = 3) ->
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, in_chans, input_size, input_size))
+            model(torch.zeros(1, in_chans or input_channels(model), input_size, input_size))
     finally:
         for hook in hooks:
             hook.remove()

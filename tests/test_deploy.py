@@ -4,10 +4,12 @@ channels_last and bf16 autocast, for the registry's models and the dynamic opera
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +239,19 @@ def test_a_dcd_subclass_that_computes_otherwise_is_not_folded(variant: type) -> 
     with torch.no_grad():
         torch.testing.assert_close(optimized(x), model(x), rtol=1e-12, atol=1e-12)
     assert DCDReleaseConv2d(8, 16, 3).redefined() == [] and DCDReleaseLinear(8, 4).redefined() == []
+
+
+def test_export_and_profile_take_the_models_input_channels(capsys: pytest.CaptureFixture[str]) -> None:
+    """A one-channel model (in_chans=1, e.g. the digits with data.channels=1): export, its check and
+    profile fed it three channels."""
+    from dcd_lightning.cli import main
+
+    model = create_model("resnet10_dcd", num_classes=10, in_chans=1)
+    check_onnx(model, export_onnx(model, 32), 32)
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    assert main(["profile", "--config", quickstart, "--data.init_args.channels=1",
+                 "--model.init_args.backbone.init_args.in_chans=1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["madds"] > 0
 
 
 def test_export_leaves_the_model_in_its_mode() -> None:

@@ -246,7 +246,8 @@ def test_export_and_profile_take_the_models_input_channels(capsys: pytest.Captur
     profile fed it three channels."""
     from dcd_lightning.cli import main
 
-    model = create_model("resnet10_dcd", num_classes=10, in_chans=1)
+    torch.manual_seed(0)
+    model = calibrate_batch_norms(create_model("resnet10_dcd", num_classes=10, in_chans=1), torch.randn(8, 1, 32, 32))
     check_onnx(model, export_onnx(model, 32), 32)
     quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     assert main(["profile", "--config", quickstart, "--data.init_args.channels=1",

@@ -254,7 +254,14 @@ def paper_comparison(runs: Any, table: str) -> Any:
     from .models.registry import _REGISTRY
     from .paper import paper_tables
 
-    rows = paper_tables()[table]
+    tables = paper_tables()
+    if table not in tables:  # a unique prefix, e.g. "table2" or "table4a"
+        matches = [key for key in tables if key.startswith(table + "_") and isinstance(tables[key], list)]
+        if len(matches) != 1:
+            known = [key for key, value in tables.items() if isinstance(value, list) and key.startswith("table")]
+            raise KeyError(f"paper_comparison: no table {table!r}; expected one of {known} (or a unique prefix)")
+        table = matches[0]
+    rows = tables[table]
     out = []
     for _, run in runs.iterrows():
         index = _paper_index(run, table, rows, _REGISTRY)
@@ -269,6 +276,8 @@ def paper_comparison(runs: Any, table: str) -> Any:
 def _paper_index(run: Any, table: str, rows: list[dict], registry: dict) -> int | None:
     name = str(run.get("name", ""))
     static = name.endswith("_static")
+    if table.startswith(("table2", "table3a")) and name in registry and not name.startswith("mobilenetv2_x0.5_"):
+        return None  # a registry model of another backbone: these tables are MobileNetV2 x0.5's
     if table.startswith("table2"):
         mult = None if static else float(run.get("latent_mult", 1.0) if run.get("latent_mult") is not None else 1.0)
         return next((i for i, r in enumerate(rows) if r["latent_mult"] == mult), None)

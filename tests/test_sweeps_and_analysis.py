@@ -215,6 +215,11 @@ def test_history_and_runs_tables(small_runs: dict[str, Path]) -> None:
     assert sorted(runs["latent_mult"]) == [0.25, 0.5]
     table = paper_comparison(runs, "table2_mobilenetv2_x0.5_latent_multiplier")
     assert list(table["paper row"]) == [1, 2] and list(table["top1 (paper)"]) == [68.7, 69.0]
+    assert paper_comparison(runs, "table2").equals(table)  # a unique prefix names the table
+    with pytest.raises(KeyError, match=r"no table 'table9'; expected one of \['table1a_mobilenetv2_x0.5_formulations'"):
+        paper_comparison(runs, "table9")
+    other = runs.assign(name="resnet10_dcd")  # another backbone's runs are not Table 2's rows
+    assert paper_comparison(other, "table2")["paper row"].isna().all()
 
 
 def _logged_run(folder: Path, config: dict, rows: list[dict]) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch, eval_sampling
+from .sampling import drop_last_batch, loader_sampling
 
 
 class _TensorImages(Dataset):
@@ -73,11 +73,11 @@ class DigitsDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, evaluate: bool = False) -> DataLoader:
         data = self.splits[split]
-        dataset, sampler = eval_sampling(self, data) if evaluate else (data, None)
+        dataset, sampler = loader_sampling(self, data, self.hparams.split_seed, shuffle, evaluate)
         return DataLoader(
-            EpochSeeded(data, self.hparams.split_seed) if shuffle else dataset,
+            dataset,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(data), self.hparams.split_seed) if shuffle else sampler,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle and drop_last_batch(self, len(data), self.hparams.batch_size),

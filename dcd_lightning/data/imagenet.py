@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets, transforms
 
-from .sampling import EpochSeeded, EpochShuffleSampler, drop_last_batch, eval_sampling
+from .sampling import drop_last_batch, loader_sampling
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (torchvision ImageFolder layout)"
@@ -160,11 +160,11 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, evaluate: bool = False) -> DataLoader:
         data = self.datasets[split]
-        dataset, sampler = eval_sampling(self, data) if evaluate else (data, None)
+        dataset, sampler = loader_sampling(self, data, self.hparams.seed, shuffle, evaluate)
         return DataLoader(
-            EpochSeeded(data, self.hparams.seed) if shuffle else dataset,
+            dataset,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(data), self.hparams.seed) if shuffle else sampler,
+            sampler=sampler,
             drop_last=shuffle and drop_last_batch(self, len(data), self.hparams.batch_size),
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

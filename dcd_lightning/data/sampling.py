@@ -139,10 +139,15 @@ class MarkedPadding(Dataset):
         return (sample[0], label, *sample[2:])
 
 
-def eval_sampling(module: Any, dataset: Dataset) -> tuple[Dataset, Sampler[int] | None]:
-    """(dataset, sampler) of a validation or test loader: under DDP, EvalShard over MarkedPadding;
-    in one process, the dataset in order."""
+def loader_sampling(module: Any, dataset: Dataset, seed: int, shuffle: bool,
+                    evaluate: bool) -> tuple[Dataset, Sampler[int] | None]:
+    """(dataset, sampler) of a data module's loader. Training (`shuffle`): each sample augmented
+    from (seed, epoch, index) (EpochSeeded) in EpochShuffleSampler's order. Validation and test
+    (`evaluate`): under DDP, EvalShard over MarkedPadding. Otherwise (predict, or one process):
+    the dataset in order."""
+    if shuffle:
+        return EpochSeeded(dataset, seed), EpochShuffleSampler(len(dataset), seed)  # type: ignore[arg-type]
     processes = processes_of(module)
-    if processes == 1:
+    if not evaluate or processes == 1:
         return dataset, None
     return MarkedPadding(dataset), EvalShard(len(dataset), processes, int(module.trainer.global_rank))  # type: ignore[arg-type]

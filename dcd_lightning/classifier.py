@@ -132,7 +132,18 @@ class ImageClassifier(L.LightningModule):
         self.init_weights = init_weights
         # the file is read once, at setup; a checkpoint of this run must not need it
         self.save_hyperparameters(ignore=["backbone", "init_weights"])
-        self.model = backbone(num_classes)
+        try:
+            self.model = backbone(num_classes)
+        except TypeError as error:
+            text = str(error)
+            if "'Namespace' object is not callable" not in text and "got multiple values for argument" not in text:
+                raise
+            raise TypeError(
+                f"{name}: building the backbone failed: {text}. A backbone parameter that takes an operator as a "
+                "class_path must be annotated dcd_lightning.models.ConvFactory (Callable[[int, int, int, int, int], "
+                "nn.Module]) or LinearFactory: jsonargparse passes an unannotated one the config itself (a Namespace), "
+                "and a Callable of fewer ints no more positional arguments than it names"
+            ) from error
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:

@@ -76,6 +76,53 @@ def test_bad_operator_option_is_reported_at_the_cli(tmp_path: Path, capsys: pyte
     assert re.search(r"error: DCDConv2d: latent_mult=-1(\.0)? is not allowed; expected a number > 0", capsys.readouterr().err)
 
 
+OWN_BACKBONES = """
+from torch import nn
+
+from dcd_lightning.models import ConvFactory
+from dcd_lightning.ops import StaticConv2d
+
+
+class Annotated(nn.Module):
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, conv: ConvFactory = StaticConv2d):
+        super().__init__()
+        self.conv = conv(in_chans, 8, 3, 1, 1)  # positional, as nn.Conv2d is called
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class Unannotated(Annotated):
+    def __init__(self, num_classes=1000, in_chans=3, conv=StaticConv2d):
+        super().__init__(num_classes, in_chans, conv)
+"""
+
+
+@pytest.mark.parametrize("backbone", ["Annotated", "Unannotated"])
+def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A backbone of the user's whose operator parameter is annotated ConvFactory trains with a
+    class_path operator called positionally; an unannotated one is an error that says what to write."""
+    (tmp_path / "own_backbones.py").write_text(OWN_BACKBONES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump({"model": {"init_args": {"backbone": {
+        "class_path": f"own_backbones.{backbone}",
+        "init_args": {"conv": {"class_path": "dcd_lightning.ops.DCDConv2d", "init_args": {"reduction": 4}}},
+    }}}}))
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(config),
+            "--trainer.fast_dev_run=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    if backbone == "Annotated":
+        assert main(args) == 0
+        return
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert "'Namespace' object is not callable. A backbone parameter that takes an operator as a class_path must be " \
+           "annotated dcd_lightning.models.ConvFactory" in capsys.readouterr().err
+
+
 def _tiny_folder(root: Path, train_images: int) -> Path:
     from PIL import Image
 

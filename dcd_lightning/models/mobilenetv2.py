@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
 from ..ops._common import check_int
-
-ConvFactory = Callable[[int, int], nn.Module]
+from .factories import ConvFactory, LinearFactory
 
 # t (expansion), c (channels), n (repeats), s (stride of the first repeat)
 INVERTED_RESIDUAL_SETTING = [
@@ -83,7 +80,7 @@ class MobileNetV2(nn.Module):
         width_mult: float = 1.0,
         pointwise: ConvFactory = StaticConv2d,
         depthwise: ConvFactory = StaticConv2d,
-        classifier: Callable[[int, int], nn.Module] = StaticLinear,
+        classifier: LinearFactory = StaticLinear,
         dropout: float = 0.2,
         dynamic_first_block: bool = False,
         dynamic_last_conv: bool = False,

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
 from ..ops._common import check_int
 from ..ops.pooling import MaxPool2d
-
-ConvFactory = Callable[[int, int], nn.Module]
-LinearFactory = Callable[[int, int], nn.Module]
+from .factories import ConvFactory, LinearFactory
 
 DEPTHS: dict[int, tuple[str, list[int]]] = {
     10: ("basic", [1, 1, 1, 1]),

@@ -38,7 +38,7 @@ import torch
 from ._args import positive_int
 from .bench_models import _warm_up_libraries
 from .bench_ops import machine
-from .models import ResNet, create_model, list_models
+from .models import ResNet, create_model, get_model_spec
 from .ops import CondConv2d, DyConv2d
 
 MODELS = [f"mobilenetv2_x1.0_{k}" for k in ("static", "dcd", "dyconv", "condconv")] + [
@@ -52,8 +52,11 @@ SETTINGS = {"route": ("auto", "activations", "kernel"), "mixing": ("auto", "kern
 def parse_name(name: str) -> tuple[str, list[tuple[str, str]]]:
     """NAME@key=value@... -> (NAME, [(key, value), ...]); ValueError naming what is wrong."""
     base, *settings = name.split("@")
-    if base not in MODELS and base not in list_models():
-        raise ValueError(f"unknown model {base!r}; choose from {', '.join(MODELS)} or a registry name")
+    if base not in MODELS:
+        try:
+            get_model_spec(base)
+        except ValueError as error:
+            raise ValueError(f"unknown model {base!r}; choose from {', '.join(MODELS)} or a registry name ({error})") from None
     parsed = []
     for setting in settings:
         key, equals, value = setting.partition("=")

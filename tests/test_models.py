@@ -100,6 +100,101 @@ def test_registry_has_every_table4_name_and_builds_with_overrides() -> None:
         create_model("resnet19_dcd")
 
 
+USER_MODULE = """
+from torch import nn
+
+from dcd_lightning.models import ModelSpec, op, register_model
+from dcd_lightning.ops import StaticConv2d
+
+
+class ScaledConv2d(StaticConv2d):
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, scale=1.0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, num_classes=1000, width=8, conv=StaticConv2d):
+        super().__init__()
+        self.conv = conv(3, width, 3, 1, 1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+register_model(ModelSpec("{name}", "{module}.TwoLayers", (("width", 6),), (("conv", op("{module}.ScaledConv2d", scale=0.5)),)))
+"""
+
+
+@pytest.fixture
+def registry_restored():
+    """The registry as it was before the test (tests register models of their own)."""
+    from dcd_lightning.models import registry
+
+    saved = dict(registry._REGISTRY)
+    yield registry
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+def test_a_users_operator_and_backbone_register_and_reach_the_command_line(
+    registry_restored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Own classes (by class or dotted path) in a ModelSpec: built, written as a config that names
+    them, and found by the tools as "module:name", which imports the module that registers it."""
+    from dcd_lightning import profile_cmd
+    from dcd_lightning.models import ModelSpec, get_model_spec, op, register_model
+
+    (tmp_path / "my_dcd_models.py").write_text(USER_MODULE.format(name="two_layers_mine", module="my_dcd_models"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "two_layers_mine" not in list_models()
+    model = create_model("my_dcd_models:two_layers_mine", num_classes=4)
+    assert type(model).__name__ == "TwoLayers" and type(model.conv).__name__ == "ScaledConv2d" and model.conv.scale == 0.5
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    config = get_model_spec("two_layers_mine").backbone_config()
+    assert config == {"class_path": "my_dcd_models.TwoLayers", "init_args": {
+        "width": 6, "conv": {"class_path": "my_dcd_models.ScaledConv2d", "init_args": {"scale": 0.5}}}}
+
+    # a package backbone with a user's operator class; the config names the class where it lives
+    from my_dcd_models import ScaledConv2d
+
+    spec = register_model(ModelSpec("resnet10_scaled", "resnet", (("depth", 10),), (("conv", op(ScaledConv2d, scale=2.0)),)))
+    assert spec.backbone_config()["class_path"] == "dcd_lightning.models.ResNet"
+    assert spec.backbone_config()["init_args"]["conv"]["class_path"] == "my_dcd_models.ScaledConv2d"
+    assert create_model("resnet10_scaled").layer1[0].conv1.scale == 2.0
+
+    assert profile_cmd.main(["--model", "my_dcd_models:two_layers_mine", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params_all"] == sum(p.numel() for p in create_model("two_layers_mine").parameters()) == 162 + 7000
+    with pytest.raises(ValueError, match=r"cannot import 'no_such_module_here' for model 'x'"):
+        create_model("no_such_module_here:x")
+    with pytest.raises(ValueError, match=r"no model named 'other'"):
+        create_model("my_dcd_models:other")
+
+
+def test_a_wrong_model_spec_is_refused_where_it_is_written() -> None:
+    from dcd_lightning.models import ModelSpec, op
+
+    with pytest.raises(ValueError, match=r"backbone 'vgg' is not one of \['mobilenetv2', 'resnet'\]"):
+        ModelSpec("vgg_dcd", "vgg", (), ())
+    with pytest.raises(ValueError, match=r"op: 'DCDConv' is not an operator of dcd_lightning.ops \(closest: \[.*'DCDConv2d'"):
+        op("DCDConv")
+    with pytest.raises(ValueError, match=r"op: 'torch.nn.no_such': module 'torch.nn' has no 'no_such'"):
+        op("torch.nn.no_such")
+    with pytest.raises(TypeError, match=r"op: 'torch.nn.functional.relu' is <function relu.*not an nn.Module class"):
+        op("torch.nn.functional.relu")
+    with pytest.raises(ValueError, match=r"ResNet takes no argument \['pointwise'\]; its arguments are \['num_classes', 'depth'"):
+        ModelSpec("resnet_pw", "resnet", (("depth", 18),), (("pointwise", op("DCDConv2d")),))
+    with pytest.raises(TypeError, match=r"operator 'conv' is 'DCDConv2d'; write op\(name_or_class"):
+        ModelSpec("resnet_str", "resnet", (), (("conv", "DCDConv2d"),))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"name must be a non-empty string without ':'"):
+        ModelSpec("a:b", "resnet", (), ())
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_registry_model_runs_forward_and_backward(name: str) -> None:
     model = create_model(name, num_classes=5).train()

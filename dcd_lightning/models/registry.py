@@ -5,12 +5,23 @@
 
 Each entry records the backbone, its arguments and one operator per placement, so the same
 spec builds the model in Python and writes its LightningCLI config (configs/paper/).
+
+Your own models register the same way, with the package's backbones and operators or your own
+classes (README, "Your own operators and models"):
+
+    register_model(ModelSpec("resnet18_mine", "resnet", (("depth", 18),),
+                             (("conv", op(MyConv2d, reduction=8)),)))
+
+A name "package.module:model" imports package.module first, so the command-line tools reach a
+model that a module of yours registers on import.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import inspect
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,18 +32,60 @@ from .. import ops
 from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet
 
+BACKBONES: dict[str, type[nn.Module]] = {"mobilenetv2": MobileNetV2, "resnet": ResNet}
+
+
+def _import_object(path: str, what: str) -> Any:
+    """The object that the dotted `path` ("package.module.Name") names; ValueError otherwise."""
+    module, _, attr = path.rpartition(".")
+    if not module:
+        raise ValueError(f"{what} {path!r} is not a dotted path such as 'package.module.Name'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as error:
+        raise ValueError(f"{what} {path!r}: cannot import {module!r} ({error})") from error
+    except AttributeError as error:
+        raise ValueError(f"{what} {path!r}: module {module!r} has no {attr!r}") from error
+
+
+def _class_path(cls: type) -> str:
+    """The dotted path a LightningCLI config names `cls` by (the package's own by their short path)."""
+    if getattr(ops, cls.__name__, None) is cls:
+        return f"dcd_lightning.ops.{cls.__name__}"
+    if cls in BACKBONES.values():
+        return f"dcd_lightning.models.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An operator class from dcd_lightning.ops with keyword options."""
+    """An operator with keyword options: a class of dcd_lightning.ops by name, a dotted path
+    ("package.module.MyConv2d") or a class."""
 
-    name: str
+    name: str | type[nn.Module]
     options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.cls  # noqa: B018 (resolve now, so that a wrong name fails where it is written)
 
     @property
     def cls(self) -> type[nn.Module]:
         """The operator class."""
-        return getattr(ops, self.name)
+        if isinstance(self.name, type):
+            found: Any = self.name
+        elif "." in self.name:
+            found = _import_object(self.name, "op:")
+        elif isinstance(getattr(ops, self.name, None), type):
+            found = getattr(ops, self.name)
+        else:
+            near = difflib.get_close_matches(self.name, ops.__all__, n=4, cutoff=0.5)
+            raise ValueError(
+                f"op: {self.name!r} is not an operator of dcd_lightning.ops (closest: {near}); give one of "
+                f"{ops.__all__}, a dotted path such as 'mypackage.ops.MyConv2d', or the class itself"
+            )
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise TypeError(f"op: {self.name!r} is {found!r}, not an nn.Module class")
+        return found
 
     def factory(self) -> Any:
         """A callable taking the positional operator arguments."""
@@ -40,33 +93,65 @@ class OpSpec:
 
     def config(self) -> dict[str, Any]:
         """class_path / init_args form for a LightningCLI config."""
-        spec: dict[str, Any] = {"class_path": f"dcd_lightning.ops.{self.name}"}
+        spec: dict[str, Any] = {"class_path": _class_path(self.cls)}
         if self.options:
             spec["init_args"] = dict(self.options)
         return spec
 
 
-def op(name: str, **options: Any) -> OpSpec:
+def op(name: str | type[nn.Module], **options: Any) -> OpSpec:
     """Shorthand for OpSpec(name, options)."""
     return OpSpec(name, tuple(sorted(options.items())))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: backbone class, its arguments and its operators per placement."""
+    """A registered model: backbone, its arguments and its operators per placement.
+
+    `backbone` is "mobilenetv2" or "resnet" (the package's), a dotted path or a class whose
+    constructor takes the arguments and one operator factory per placement by keyword."""
 
     name: str
-    backbone: str  # "mobilenetv2" or "resnet"
+    backbone: str | type[nn.Module]
     args: tuple[tuple[str, Any], ...]
     operators: tuple[tuple[str, OpSpec], ...]
     description: str = ""
     paper: tuple[tuple[str, int], ...] = ()  # (table key in paper-tables.json, row index) pairs
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or ":" in self.name:
+            raise ValueError(f"ModelSpec: name must be a non-empty string without ':', not {self.name!r}")
+        where = f"ModelSpec {self.name!r}"
+        for placement, spec in self.operators:
+            if not isinstance(spec, OpSpec):
+                raise TypeError(f"{where}: operator {placement!r} is {spec!r}; write op(name_or_class, **options)")
+        parameters = inspect.signature(self.backbone_cls).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            names = [*(key for key, _ in self.args), *(placement for placement, _ in self.operators)]
+            unknown = [key for key in names if key not in parameters]
+            if unknown:
+                raise ValueError(
+                    f"{where}: {self.backbone_cls.__name__} takes no argument {unknown}; its arguments are {list(parameters)}"
+                )
+
     @property
     def backbone_cls(self) -> type[nn.Module]:
-        """MobileNetV2 or ResNet."""
-        return MobileNetV2 if self.backbone == "mobilenetv2" else ResNet
+        """The backbone class: MobileNetV2, ResNet or your own."""
+        if isinstance(self.backbone, type):
+            found: Any = self.backbone
+        elif self.backbone in BACKBONES:
+            found = BACKBONES[self.backbone]
+        elif "." in self.backbone:
+            found = _import_object(self.backbone, f"ModelSpec {self.name!r}: backbone")
+        else:
+            raise ValueError(
+                f"ModelSpec {self.name!r}: backbone {self.backbone!r} is not one of {sorted(BACKBONES)}; give one of "
+                "those, a dotted path such as 'mypackage.models.MyNet', or the class itself"
+            )
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise TypeError(f"ModelSpec {self.name!r}: backbone {self.backbone!r} is {found!r}, not an nn.Module class")
+        return found
 
     def build(self, **overrides: Any) -> nn.Module:
         """Instantiate the model; `overrides` replace backbone arguments (e.g. num_classes)."""
@@ -79,7 +164,7 @@ class ModelSpec:
         """The backbone as class_path / init_args (num_classes left to the data module)."""
         init_args: dict[str, Any] = dict(self.args)
         init_args.update({placement: spec.config() for placement, spec in self.operators})
-        return {"class_path": f"dcd_lightning.models.{self.backbone_cls.__name__}", "init_args": init_args}
+        return {"class_path": _class_path(self.backbone_cls), "init_args": init_args}
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -99,12 +184,19 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """The spec registered as `name`; a ValueError lists close names when there is none."""
+    """The spec registered as `name`; "package.module:model" imports package.module first (where
+    model registers itself). A ValueError lists close names when there is none."""
+    if name not in _REGISTRY and ":" in name:
+        module, _, name = name.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"create_model: cannot import {module!r} for model {name!r} ({error})") from error
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=6, cutoff=0.5)
         raise ValueError(
             f"create_model: no model named {name!r}; closest registered names: {near} "
-            "(dcd_lightning.list_models() lists all)"
+            "(dcd_lightning.list_models() lists all; \"package.module:name\" imports the module that registers name)"
         )
     return _REGISTRY[name]
 

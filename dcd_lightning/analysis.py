@@ -88,6 +88,18 @@ class _PhiStatistics:
 
         return hook
 
+    def warn_unseen(self, caller: str) -> None:
+        """Warn, naming them, of the layers whose Phi no forward has shown (they get no value)."""
+        unseen = [name for name, _ in self.layers if name not in self.sums]
+        if unseen:
+            warnings.warn(
+                f"{caller}: no Phi was seen for {len(unseen)} of {len(self.layers)} DCD layers ({', '.join(unseen)}), "
+                "so they get no value: their `branch` module did not run. A subclass whose forward computes Phi "
+                "without calling self.branch, a copy made by optimize_for_inference (measure the model before it), "
+                "or a layer off the forward path has none to show.",
+                stacklevel=3,
+            )
+
     def as_tensor(self, name: str) -> Tensor:
         """All sums of one layer in one float64 tensor (for reduction across ranks)."""
         n, s1, s2, count, x1, x2 = self.sums[name]
@@ -119,6 +131,7 @@ def phi_normalized_variance(model: nn.Module, batches: Iterable[Tensor | tuple[T
     finally:
         stats.detach()
         model.train(was_training)
+    stats.warn_unseen("phi_normalized_variance")
     return {name: stats.normalized_variance(stats.as_tensor(name)) for name, _ in stats.layers if name in stats.sums}
 
 

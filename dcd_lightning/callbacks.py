@@ -375,6 +375,8 @@ class PhiVarianceMonitor(Callback):
         if self._stats is None:
             return
         self._stats.detach()
+        if self._batches and trainer.is_global_zero:
+            self._stats.warn_unseen("PhiVarianceMonitor")
         for index, (name, _) in enumerate(self._stats.layers):
             if name not in self._stats.sums:
                 continue

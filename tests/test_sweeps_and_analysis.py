@@ -176,6 +176,38 @@ def test_phi_variance_covers_every_dcd_layer_of_a_model() -> None:
     assert all(v >= 0 for v in result.values())
 
 
+def test_phi_variance_names_the_layers_whose_phi_it_never_saw() -> None:
+    """A copy from optimize_for_inference computes Phi in its folds, without the branch module the
+    statistics watch: no value, and a warning that names the layers (not a silent empty result)."""
+    from types import SimpleNamespace
+
+    from dcd_lightning import optimize_for_inference
+    from dcd_lightning.analysis import _PhiStatistics
+    from dcd_lightning.callbacks import PhiVarianceMonitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DCDConv2d(16, 24, 1, reduction=2), torch.nn.BatchNorm2d(24), DCDConv2d(24, 8, 1, reduction=2))
+    images = [torch.randn(3, 16, 6, 6)]
+    assert set(phi_normalized_variance(model, images)) == {"0", "2"}
+    with pytest.warns(UserWarning, match=r"phi_normalized_variance: no Phi was seen for 2 of 2 DCD layers \(0, 2\).*"
+                                         r"optimize_for_inference \(measure the model before it\)"):
+        assert phi_normalized_variance(optimize_for_inference(model, fold_batch_norms=False), images) == {}
+
+    # the callback: one layer ran, one did not
+    model = torch.nn.Sequential(DCDConv2d(16, 24, 1, reduction=2), DCDConv2d(16, 8, 1, reduction=2)).eval()
+    monitor, logged = PhiVarianceMonitor(), {}
+    monitor._stats = _PhiStatistics([("0", model[0]), ("1", model[1])])
+    monitor._stats.attach()
+    with torch.no_grad():
+        model[0](images[0])
+    monitor._batches = 1
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(reduce=lambda value, reduce_op: value))
+    module = SimpleNamespace(log=lambda key, value, **kwargs: logged.__setitem__(key, value))
+    with pytest.warns(UserWarning, match=r"PhiVarianceMonitor: no Phi was seen for 1 of 2 DCD layers \(1\)"):
+        monitor.on_validation_epoch_end(trainer, module)
+    assert list(logged) == ["phi_var/00_0"]
+
+
 # -- runs, notebooks ------------------------------------------------------------------------------
 
 

@@ -62,10 +62,11 @@ def _checkpoint_dir(root: str | None) -> str:
 
 
 def _walk_operators(node: Any, path: str = "") -> list[tuple[str, str, dict]]:
-    """(placement, operator class, init_args) of every class_path in the backbone config."""
+    """(placement, operator class, init_args) of every class_path in the backbone's init_args (the
+    package's operators and any other: a user's own operator names the run too)."""
     found = []
     if isinstance(node, dict):
-        if "class_path" in node and "dcd_lightning.ops." in str(node["class_path"]):
+        if "class_path" in node:
             found.append((path, str(node["class_path"]).rsplit(".", 1)[1], dict(node.get("init_args") or {})))
         for key, value in node.items():
             found += _walk_operators(value, key if key not in ("init_args", "class_path") else path)

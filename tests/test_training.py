@@ -643,6 +643,12 @@ def test_run_name_and_tags_from_a_paper_config() -> None:
     name, tags = describe_run(config)
     assert name == "mobilenetv2_x0.5_pointwise-DCDReleaseConv2d"
     assert {"mobilenetv2_x0.5", "pointwise:DCDReleaseConv2d", "num_blocks=4", "fc_squeeze=8"} <= set(tags)
+    # a user's own operator (class_path outside the package) names the run as the package's do
+    config["model"]["init_args"]["backbone"]["init_args"]["depthwise"] = {
+        "class_path": "my_research.ops.GatedDepthwise", "init_args": {"num_blocks": 2}}
+    name, tags = describe_run(config)
+    assert name == "mobilenetv2_x0.5_pointwise-DCDReleaseConv2d_depthwise-GatedDepthwise"
+    assert {"depthwise:GatedDepthwise", "num_blocks=2", "num_blocks=4"} <= set(tags)
 
 
 def test_wandb_goes_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Counting rules (docs/profiling.md): convolutions and linear layers count C_out * C_in/groups * k^2
 per output pixel; a dynamic operator counts its static kernel, its dynamic branch's linear layers,
-and its dynamic part at the cheaper route (the operator's own `madds`); normalisation, activations,
+and its dynamic part at the cheaper route (the operator's own `madds`; a layer that a subclass adds
+to an operator counts in its own right); normalisation, activations,
 pooling and additions are not counted. ResNet's parameters are counted without the final
 classifier, MobileNetV2's with it (the paper's convention, see paper-tables.json's notes).
 """
@@ -80,18 +81,33 @@ def input_channels(model: nn.Module) -> int:
     return first.in_channels if first is not None else 3
 
 
+def _counted_layers(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer whose MAdds are counted: modules with a `madds(height, width)`
+    method and plain nn.Conv2d / nn.Linear. Inside a module with madds(), the children that its
+    `madds_children` names are its own work; any other child (a subclass's addition) is counted in
+    its own right. A madds() without `madds_children` counts everything inside it."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return []
+    seen.add(id(module))
+    own: tuple[str, ...] | None = None
+    if callable(getattr(module, "madds", None)):
+        found, own = [(prefix, module)], getattr(module, "madds_children", None)
+        if own is None:
+            return found
+    elif isinstance(module, (nn.Conv2d, nn.Linear)):
+        return [(prefix, module)]
+    else:
+        found = []
+    for name, child in module.named_children():
+        if own is None or name not in own:
+            found += _counted_layers(child, f"{prefix}.{name}" if prefix else name, seen)
+    return found
+
+
 def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None = None) -> Profile:
     """Count parameters and per-image MAdds of every layer with one eval forward at batch 1."""
-    counted: list[tuple[str, nn.Module]] = []
-    inside_dynamic: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in inside_dynamic:
-            continue
-        if hasattr(module, "madds") and callable(module.madds):
-            counted.append((name, module))
-            inside_dynamic.update(id(sub) for sub in module.modules())
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            counted.append((name, module))
+    counted = _counted_layers(model)
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [
         module.register_forward_hook(lambda mod, args, out, name=name: shapes.__setitem__(name, tuple(args[0].shape)))
@@ -108,6 +124,9 @@ def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None 
         model.train(was_training)
     profile = Profile(input_size)
     for name, module in counted:
+        # a layer's parameters, less those of the layers inside it that are counted in their own right
+        inside = {id(p) for other, sub in counted if other.startswith(f"{name}.") or (not name and other)
+                  for p in sub.parameters()}
         if name not in shapes:
             continue  # not on the forward path
         shape = shapes[name]
@@ -119,7 +138,8 @@ def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None 
             madds = module.weight.numel() * h_out * w_out
         else:
             madds = module.in_features * module.out_features
-        profile.layers.append(LayerCount(name, _kind(module), sum(p.numel() for p in module.parameters()), madds))
+        params = sum(p.numel() for p in module.parameters() if id(p) not in inside)
+        profile.layers.append(LayerCount(name, _kind(module), params, madds))
     profile.params = sum(p.numel() for p in model.parameters())
     head = classifier_of(model)
     profile.classifier_params = sum(p.numel() for p in head.parameters()) if head is not None else 0

@@ -105,3 +105,42 @@ def test_dcd_is_the_most_compact_dynamic_model() -> None:
         dynamic = [n for n in list_models(f"{prefix}_*") if n.split("_")[-1] in ("dyconv", "condconv", "dcd")]
         counts = {n: profile(n).paper_params for n in dynamic}
         assert min(counts, key=counts.get) == f"{prefix}_dcd", counts
+
+
+def test_profile_counts_what_a_subclass_adds_to_an_operator_once() -> None:
+    """An operator's madds() covers its own work (its `madds_children`); a subclass's extra layer is
+    counted in its own right, and once: not dropped inside the operator, not counted twice."""
+    import torch
+    from torch import nn
+
+    from dcd_lightning.ops import DCDConv2d, DyConv2d
+
+    class GatedDCD(DCDConv2d):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.gate = nn.Conv2d(self.out_channels, self.out_channels, 1)
+
+        def forward(self, x):
+            y = super().forward(x)
+            return y * torch.sigmoid(self.gate(y))
+
+    class ScaledDy(DyConv2d):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.scale = nn.Linear(self.in_channels, self.out_channels)
+
+        def forward(self, x):
+            return super().forward(x) * self.scale(x.mean((2, 3)))[:, :, None, None]
+
+    torch.manual_seed(0)
+    gated, plain = GatedDCD(16, 24, 3), DCDConv2d(16, 24, 3)
+    counted = profile_model(nn.Sequential(gated), input_size=8)
+    gate = 24 * 24 * 8 * 8
+    assert counted.madds == plain.madds(8, 8) + gate
+    by_layer = {layer.name: (layer.params, layer.madds) for layer in counted.layers}
+    assert by_layer == {"0": (sum(p.numel() for p in plain.parameters()), plain.madds(8, 8)),
+                        "0.gate": (24 * 24 + 24, gate)}
+    scaled, dy = ScaledDy(16, 24, 3), DyConv2d(16, 24, 3)
+    counted = profile_model(nn.Sequential(scaled), input_size=8)
+    assert counted.madds == dy.madds(8, 8) + 16 * 24
+    assert sum(layer.params for layer in counted.layers) == sum(p.numel() for p in scaled.parameters())

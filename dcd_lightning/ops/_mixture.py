@@ -33,6 +33,7 @@ class MixtureConv2d(nn.Module):
     """
 
     num_kernels: int
+    madds_children: tuple[str, ...] = ()  # the children whose work madds() counts: the routing head
 
     def __init__(
         self,
@@ -96,7 +97,7 @@ class MixtureConv2d(nn.Module):
         static = kernel * h_out * w_out
         by_kernel = static + self.num_kernels * kernel
         by_output = self.num_kernels * (static + self.out_channels * h_out * w_out)
-        branch = linear_madds(self)
+        branch = sum(linear_madds(getattr(self, name)) for name in self.madds_children)
         return min(by_kernel, by_output) + branch
 
     def forward(self, x: Tensor) -> Tensor:

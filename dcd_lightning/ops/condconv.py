@@ -15,6 +15,8 @@ class CondConv2d(MixtureConv2d):
     `num_experts` is the paper's K (8 in the DCD paper's comparison).
     """
 
+    madds_children = ("routing",)
+
     def __init__(
         self,
         in_channels: int,

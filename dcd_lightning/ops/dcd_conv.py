@@ -61,6 +61,8 @@ class DCDConv2d(nn.Module):
     or "auto", the one with fewer multiply-adds at the input's resolution.
     """
 
+    madds_children: tuple[str, ...] = ("branch",)  # the children whose work madds() counts
+
     def __init__(
         self,
         in_channels: int,

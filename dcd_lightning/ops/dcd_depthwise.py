@@ -38,6 +38,8 @@ class DCDDepthwiseConv2d(nn.Module):
     "auto" takes the kernel route, which is always the cheaper in MAdds.
     """
 
+    madds_children: tuple[str, ...] = ("branch",)  # the children whose work madds() counts
+
     def __init__(
         self,
         in_channels: int,

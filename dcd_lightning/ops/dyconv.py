@@ -18,6 +18,7 @@ class DyConv2d(MixtureConv2d):
     """
 
     temperature: Tensor
+    madds_children = ("attention_fc1", "attention_fc2")
 
     def __init__(
         self,

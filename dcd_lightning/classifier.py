@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .data.sampling import sample_seed
 from .models.weights import checkpoint_model_weights
+from .profiling import declared_input_channels
 
 
 def mix_batch(
@@ -176,17 +177,18 @@ class ImageClassifier(L.LightningModule):
 
     def _check_channels(self) -> None:
         """The data module's `channels` (3 where it has none: RGB folders) against the backbone's
-        first convolution; a mismatch otherwise fails inside it at the first batch."""
+        (its `in_chans`, else its first layer's `in_channels`); a mismatch otherwise fails inside it
+        at the first batch."""
         data = getattr(self.trainer, "datamodule", None)
         if data is None:
             return
         channels = getattr(data, "hparams", {}).get("channels", 3)
-        stem = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
-        if stem is not None and stem.in_channels != channels:
+        takes = declared_input_channels(self.model)
+        if takes is not None and takes != channels:
             raise ValueError(
                 f"{type(data).__name__} gives images with {channels} channels, but the backbone's first convolution "
-                f"takes {stem.in_channels}; set model.init_args.backbone.init_args.in_chans={channels} (or "
-                f"data.init_args.channels={stem.in_channels})"
+                f"takes {takes}; set model.init_args.backbone.init_args.in_chans={channels} (or "
+                f"data.init_args.channels={takes})"
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

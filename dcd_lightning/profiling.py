@@ -72,13 +72,20 @@ def classifier_of(model: nn.Module) -> nn.Module | None:
     return head
 
 
-def input_channels(model: nn.Module) -> int:
-    """The image channels a model takes: its `in_chans`, else its first layer's `in_channels`, else 3."""
+def declared_input_channels(model: nn.Module) -> int | None:
+    """The image channels a model says it takes: its `in_chans`, else the `in_channels` of its first
+    module that has one (a dynamic operator's own, not that of a layer inside it), else None."""
     given = getattr(model, "in_chans", None)
     if isinstance(given, int):
         return given
     first = next((m for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
-    return first.in_channels if first is not None else 3
+    return first.in_channels if first is not None else None
+
+
+def input_channels(model: nn.Module) -> int:
+    """The image channels a model takes (declared_input_channels), 3 where it does not say."""
+    declared = declared_input_channels(model)
+    return 3 if declared is None else declared
 
 
 def _counted_layers(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> list[tuple[str, nn.Module]]:

@@ -80,7 +80,17 @@ OWN_BACKBONES = """
 from torch import nn
 
 from dcd_lightning.models import ConvFactory
-from dcd_lightning.ops import StaticConv2d
+from dcd_lightning.ops import DCDConv2d, StaticConv2d
+
+
+class Gated(DCDConv2d):  # a layer inside the first operator has other channels than the image
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = nn.Conv2d(self.out_channels, self.out_channels, 1)
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * self.gate(y).sigmoid()
 
 
 class Annotated(nn.Module):
@@ -103,13 +113,14 @@ class Unannotated(Annotated):
 def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A backbone of the user's whose operator parameter is annotated ConvFactory trains with a
-    class_path operator called positionally; an unannotated one is an error that says what to write."""
+    class_path operator of the user's called positionally (the data's channels checked against the
+    operator's, not a layer's inside it); an unannotated one is an error that says what to write."""
     (tmp_path / "own_backbones.py").write_text(OWN_BACKBONES)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tmp_path / "own.yaml"
     config.write_text(yaml.safe_dump({"model": {"init_args": {"backbone": {
         "class_path": f"own_backbones.{backbone}",
-        "init_args": {"conv": {"class_path": "dcd_lightning.ops.DCDConv2d", "init_args": {"reduction": 4}}},
+        "init_args": {"conv": {"class_path": "own_backbones.Gated", "init_args": {"reduction": 4}}},
     }}}}))
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(config),
             "--trainer.fast_dev_run=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]

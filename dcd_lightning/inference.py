@@ -23,9 +23,9 @@ def optimize_for_inference(model: nn.Module, fold_batch_norms: bool = True, nati
     forward() uses under torch.no_grad() or torch.inference_mode(); one sample of a 1x1 layer runs
     as a few small matrix products and one convolution. With `fold_batch_norms` (default) every
     BatchNorm2d that directly follows a convolution is folded into it as well, in static
-    convolutions (as torch.nn.utils.fusion does), DCD layers and DY-Conv layers alike (CondConv's
-    norms stay: its sigmoid weights do not sum to 1, so a shift cannot enter its kernels' biases):
-    consecutive entries of an
+    convolutions (as torch.nn.utils.fusion does), DCD layers, DY-Conv and CondConv layers alike
+    (CondConv's sigmoid weights do not sum to 1, so a norm's shift is added after its mixture rather
+    than entering its K biases): consecutive entries of an
     nn.Sequential, and the convN / bnN pairs of the ResNet blocks known to apply bnN right after
     convN (this package's and torchvision's); another class's convN / bnN are left alone, as their
     order is unknown. That changes the model's structure, so the model is copied first and the
@@ -145,25 +145,33 @@ def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     return [(name, "bn" + name[4:]) for name in names if name.startswith("conv") and "bn" + name[4:] in names]
 
 
-def _fuse_softmax_mixture_bn(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
-    """A copy of a DY-Conv layer with the eval-mode batch norm after it folded in: each of its K
-    kernels and biases scaled per output channel, the norm's shift added to every bias. Exact
-    because the softmax's weights sum to 1 (sum_k a_k (s b_k + t) = s sum_k a_k b_k + t); CondConv's
-    sigmoid weights do not, so its norms stay as they are."""
+def _fuse_mixture_bn(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
+    """A copy of a DY-Conv or CondConv layer with the eval-mode batch norm after it folded in: each
+    of its K kernels and biases scaled per output channel. DY-Conv's softmax weights sum to 1, so
+    the norm's shift goes into every bias (sum_k a_k (s b_k + t) = s sum_k a_k b_k + t); CondConv's
+    sigmoid weights do not, so there it becomes the layer's static `shift`, added after the mixture."""
+    from .ops import DyConv2d
+
     fused = copy.deepcopy(conv)
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
     shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0)
+    scale, shift = scale.to(fused.weight.dtype), shift.to(fused.weight.dtype)
     with torch.no_grad():
-        fused.experts().mul_(scale.view(1, -1, 1, 1, 1).to(fused.weight.dtype))
-        bias = fused.bias if fused.bias is not None else torch.zeros_like(fused.weight[:, 0, 0, 0]).view(conv.num_kernels, -1)
-        fused.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        fused.experts().mul_(scale.view(1, -1, 1, 1, 1))
+        if isinstance(conv, DyConv2d):
+            bias = fused.bias if fused.bias is not None else fused.weight.new_zeros(conv.num_kernels, conv.out_channels)
+            fused.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        else:
+            if fused.bias is not None:
+                fused.bias = nn.Parameter(fused.bias * scale, requires_grad=False)
+            fused.shift = shift if fused.shift is None else fused.shift * scale + shift
     return fused
 
 
 def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> None:
-    from .ops import DCDConv2d, DyConv2d, StaticConv2d
+    from .ops import CondConv2d, DCDConv2d, DyConv2d, StaticConv2d
 
     conv, norm = parent._modules[conv_name], parent._modules[norm_name]
     if not isinstance(norm, nn.BatchNorm2d) or norm.running_mean is None:
@@ -172,8 +180,8 @@ def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> None:
         conv.output_norm = norm  # the layer applies it, and its fold absorbs it
     elif type(conv) in (nn.Conv2d, StaticConv2d):  # plain convolutions (not subclasses with other forwards)
         parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
-    elif type(conv) is DyConv2d:
-        parent._modules[conv_name] = _fuse_softmax_mixture_bn(conv, norm)
+    elif type(conv) in (DyConv2d, CondConv2d):  # not subclasses, whose forward may differ
+        parent._modules[conv_name] = _fuse_mixture_bn(conv, norm)
     else:
         return
     parent._modules[norm_name] = nn.Identity()

@@ -516,6 +516,34 @@ def test_optimize_for_inference_folds_only_pairs_whose_order_it_knows() -> None:
         assert folded == (20 if isinstance(model, torchvision.models.ResNet) else 0)  # (unknown class: none)
 
 
+@pytest.mark.parametrize("cls", [DyConv2d, CondConv2d])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_mixture_layers_batch_norm_folds_exactly_on_both_mixings(cls, bias: bool) -> None:
+    """DY-Conv's norm shift goes into its K biases (softmax weights sum to 1); CondConv's into a
+    static shift after the mixture (sigmoid weights do not). Both mixings and the reference agree
+    with conv + norm in float64, and the layer's parameters do not change under the copy."""
+    torch.manual_seed(0)
+    conv = cls(8, 12, 3, 2, bias=bias)
+    if bias:
+        nn.init.normal_(conv.bias)
+    norm = nn.BatchNorm2d(12)
+    norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2.0), norm.weight.data.uniform_(0.5, 2.0)
+    nn.init.normal_(norm.bias)
+    model = nn.Sequential(conv, norm).double().eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    optimized = optimize_for_inference(model)
+    fused = optimized[0]
+    assert isinstance(optimized[1], nn.Identity) and (fused.shift is not None) == (cls is CondConv2d)
+    x = torch.randn(5, 8, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        for mixing in ("kernel", "output"):
+            fused.mixing = mixing
+            torch.testing.assert_close(fused(x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fused.reference_forward(x), expected, rtol=1e-10, atol=1e-10)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2_x0.35_dcd", "mobilenetv2_x0.5_static", "resnet10_dcd", "resnet18_dcd_joint",
                                   "mobilenetv2_x0.5_dyconv", "resnet10_dyconv", "mobilenetv2_x0.5_condconv"])
 def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None:
@@ -527,10 +555,9 @@ def test_optimize_for_inference_folds_batch_norms_into_a_copy(name: str) -> None
     moved = sum(getattr(m, "output_norm", None) is not None for m in optimized.modules())
     left = sum(isinstance(m, nn.BatchNorm2d) for m in optimized.modules()) - moved
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == norms  # the original is untouched
-    # every norm is folded (into DY-Conv's kernels too: its softmax weights sum to 1) except those after
-    # CondConv (sigmoid weights) and joint-fusion DCD, which cannot take them
-    unfoldable = sum(type(m) is CondConv2d or (isinstance(m, DCDConv2d) and m.fusion == "joint")
-                     for m in model.modules())
+    # every norm is folded (into DY-Conv's and CondConv's kernels too) except those after joint-fusion
+    # DCD, which cannot take them
+    unfoldable = sum(isinstance(m, DCDConv2d) and m.fusion == "joint" for m in model.modules())
     assert left == unfoldable and (moved > 0) == ("dcd" in name and "joint" not in name)
     images = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

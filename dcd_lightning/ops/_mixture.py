@@ -33,6 +33,7 @@ class MixtureConv2d(nn.Module):
     """
 
     num_kernels: int
+    shift: Tensor | None
     madds_children: tuple[str, ...] = ()  # the children whose work madds() counts: the routing head
 
     def __init__(
@@ -66,6 +67,10 @@ class MixtureConv2d(nn.Module):
         shape = (num_kernels * out_channels, in_channels // groups, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels)) if bias else None
+        # a static per-channel shift added after the mixture: set only where optimize_for_inference
+        # folds the batch norm after a CondConv layer in (its sigmoid weights do not sum to 1, so
+        # the norm's shift cannot go into the K biases as DY-Conv's does)
+        self.register_buffer("shift", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,12 +133,20 @@ class MixtureConv2d(nn.Module):
         h_out, w_out = output_size(x.shape[-2], x.shape[-1], self.stride)
         return x.shape[0] >= self.num_kernels * h_out * w_out
 
+    def mixed_bias(self, weights: Tensor) -> Tensor | None:
+        """Each sample's bias sum_k a_k b_k plus the static `shift`, (N, C_out); None without either."""
+        bias = None if self.bias is None else weights @ self.bias
+        if self.shift is not None:
+            bias = self.shift.expand(weights.shape[0], -1) if bias is None else bias + self.shift
+        return bias
+
     def _forward_kernel_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
         n = x.shape[0]
         kernels = (weights @ self.weight.reshape(self.num_kernels, -1)).view(
             n * self.out_channels, self.in_channels // self.groups, self.kernel_size, self.kernel_size
         )
-        bias = None if self.bias is None else (weights @ self.bias).view(-1)
+        bias = self.mixed_bias(weights)
+        bias = None if bias is None else bias.reshape(-1)
         return grouped_sample_conv(x, kernels, bias, self.out_channels, self.stride, self.padding, self.groups)
 
     def _forward_output_mixing(self, x: Tensor, weights: Tensor) -> Tensor:
@@ -148,16 +161,16 @@ class MixtureConv2d(nn.Module):
         h, w = reshape_dims(out)[-2:]
         out = torch.einsum("ngkohw,nk->ngohw", out.view(n, groups, k, per_group, h, w), weights)
         out = out.reshape(n, self.out_channels, h, w)
-        if self.bias is not None:
-            out = out + (weights @ self.bias)[:, :, None, None]
+        bias = self.mixed_bias(weights)
+        if bias is not None:
+            out = out + bias[:, :, None, None]
         return in_layout_of(out, x)
 
     def sample_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Each sample's kernel sum_k a_k(x) W_k, (N, C_out, C_in/groups, k, k), and bias or None."""
         weights = self.mixture_weights(x)
         kernels = torch.einsum("nk,koihw->noihw", weights, self.experts())
-        bias = None if self.bias is None else torch.einsum("nk,ko->no", weights, self.bias)
-        return kernels, bias
+        return kernels, self.mixed_bias(weights)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """Slow reference: form each sample's kernel and run an ordinary convolution with it."""

@@ -215,6 +215,36 @@ def test_a_formulation_row_holds_its_formulation_in_every_dynamic_layer(name: st
     )
 
 
+def test_backbones_initialise_their_own_layers_not_those_inside_an_operator() -> None:
+    """torchvision's initialisation reaches the backbone's static layers; an operator of the user's
+    keeps what its constructor set, in the layers inside it too."""
+    from torch import nn
+
+    from dcd_lightning.ops import DCDConv2d, StaticConv2d
+
+    class ZeroGated(DCDConv2d):
+        def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, **options):
+            super().__init__(in_channels, out_channels, kernel_size, stride, groups, **options)
+            self.gate = nn.Conv2d(out_channels, out_channels, 1)
+            self.norm = nn.BatchNorm2d(out_channels)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.norm.weight)
+
+    class OnesConv(StaticConv2d):  # a subclass of the static operator, with an init of its own
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            nn.init.ones_(self.weight)
+
+    for model in (ResNet(depth=10, conv=ZeroGated), MobileNetV2(width_mult=0.35, pointwise=ZeroGated, depthwise=OnesConv)):
+        gated = [m for m in model.modules() if isinstance(m, ZeroGated)]
+        assert gated and all(not m.gate.weight.any() and not m.norm.weight.any() for m in gated)
+        assert all(bool((m.weight == 1).all()) for m in model.modules() if isinstance(m, OnesConv))
+        static = [m for m in model.modules() if type(m) in (nn.Conv2d, StaticConv2d)]
+        assert static and all(m.weight.std() < 1 for m in static)  # Kaiming (fan-out), not the ones above
+        inside = {id(m.norm) for m in gated}
+        assert all(bool((m.weight == 1).all()) for m in model.modules() if type(m) is nn.BatchNorm2d and id(m) not in inside)
+
+
 def test_small_input_backbones() -> None:
     assert ResNet(num_classes=10, depth=10, small_input=True)(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert MobileNetV2(num_classes=10, width_mult=0.5, small_input=True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -9,7 +9,7 @@ takes no more positional arguments than it names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -18,3 +18,13 @@ ConvFactory = Callable[[int, int, int, int, int], nn.Module]
 
 LinearFactory = Callable[[int, int], nn.Module]
 """(in_features, out_features) -> a classifier operator."""
+
+
+def own_layers(backbone: nn.Module) -> Iterator[nn.Module]:
+    """The backbone's own layers, for its initialisation: every module reached through its structure
+    (nn.Sequential and this package's model classes), not the layers inside the operators that its
+    factories built, which keep their own initialisation."""
+    for child in backbone.children():
+        yield child
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) or type(child).__module__.startswith(__package__ or "-"):
+            yield from own_layers(child)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
 from ..ops._common import check_int
-from .factories import ConvFactory, LinearFactory
+from .factories import ConvFactory, LinearFactory, own_layers
 
 # t (expansion), c (channels), n (repeats), s (stride of the first repeat)
 INVERTED_RESIDUAL_SETTING = [
@@ -117,8 +117,9 @@ class MobileNetV2(nn.Module):
         self._init_static_layers()
 
     def _init_static_layers(self) -> None:
-        """torchvision's initialisation for the static layers; dynamic operators keep their own."""
-        for module in self.modules():
+        """torchvision's initialisation for the static layers; operators keep their own (and so do
+        the layers inside them)."""
+        for module in own_layers(self):
             if type(module) in (nn.Conv2d, StaticConv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")
             elif type(module) is nn.BatchNorm2d:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..ops import StaticConv2d, StaticLinear
 from ..ops._common import check_int
 from ..ops.pooling import MaxPool2d
-from .factories import ConvFactory, LinearFactory
+from .factories import ConvFactory, LinearFactory, own_layers
 
 DEPTHS: dict[int, tuple[str, list[int]]] = {
     10: ("basic", [1, 1, 1, 1]),
@@ -121,10 +121,12 @@ class ResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = classifier(self.inplanes, num_classes)
         self.num_features = self.inplanes
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+        # torchvision's initialisation of the static layers; operators keep their own (and so do
+        # the layers inside them)
+        for module in own_layers(self):
+            if type(module) in (nn.Conv2d, StaticConv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            elif type(module) is nn.BatchNorm2d and module.affine:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 

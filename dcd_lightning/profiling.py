@@ -54,11 +54,12 @@ class Profile:
 def _kind(module: nn.Module) -> str:
     """Type label of a counted layer: class name, kernel size, and "depthwise" where it is."""
     name = type(module).__name__
-    if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
-        return name
-    kernel = module.kernel_size[0] if isinstance(module.kernel_size, tuple) else module.kernel_size
+    kernel = getattr(module, "kernel_size", None)
+    kernel = kernel[0] if isinstance(kernel, tuple) else kernel
+    if isinstance(module, nn.Linear) or hasattr(module, "in_features") or not isinstance(kernel, int):
+        return name  # a classifier, or an operator of the user's that does not say its kernel size
     groups = getattr(module, "groups", 1)
-    depthwise = " depthwise" if groups > 1 and groups == module.in_channels else ""
+    depthwise = " depthwise" if isinstance(groups, int) and groups > 1 and groups == getattr(module, "in_channels", None) else ""
     return f"{name} {kernel}x{kernel}{depthwise}"
 
 

@@ -140,6 +140,21 @@ def test_profile_counts_what_a_subclass_adds_to_an_operator_once() -> None:
     by_layer = {layer.name: (layer.params, layer.madds) for layer in counted.layers}
     assert by_layer == {"0": (sum(p.numel() for p in plain.parameters()), plain.madds(8, 8)),
                         "0.gate": (24 * 24 + 24, gate)}
+    class Counted(nn.Module):  # an operator of the user's with madds() and no kernel_size attribute
+        madds_children = ("inner",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Conv2d(16, 8, 1)
+
+        def madds(self, height: int, width: int) -> int:
+            return 16 * 8 * height * width
+
+        def forward(self, x):
+            return self.inner(x)
+
+    counted = profile_model(nn.Sequential(Counted()), input_size=4)
+    assert [(layer.kind, layer.params, layer.madds) for layer in counted.layers] == [("Counted", 16 * 8 + 8, 16 * 8 * 16)]
     scaled, dy = ScaledDy(16, 24, 3), DyConv2d(16, 24, 3)
     counted = profile_model(nn.Sequential(scaled), input_size=8)
     assert counted.madds == dy.madds(8, 8) + 16 * 24

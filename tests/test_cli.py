@@ -84,9 +84,11 @@ from dcd_lightning.ops import DCDConv2d, StaticConv2d
 
 
 class Gated(DCDConv2d):  # a layer inside the first operator has other channels than the image
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 *, gate_bias: float = 0.0, **options):
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups, **options)
         self.gate = nn.Conv2d(self.out_channels, self.out_channels, 1)
+        nn.init.constant_(self.gate.bias, gate_bias)
 
     def forward(self, x):
         y = super().forward(x)
@@ -120,11 +122,14 @@ def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path
     config = tmp_path / "own.yaml"
     config.write_text(yaml.safe_dump({"model": {"init_args": {"backbone": {
         "class_path": f"own_backbones.{backbone}",
-        "init_args": {"conv": {"class_path": "own_backbones.Gated", "init_args": {"reduction": 4}}},
+        "init_args": {"conv": {"class_path": "own_backbones.Gated", "init_args": {"reduction": 4, "gate_bias": 2.5}}},
     }}}}))
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(config),
             "--trainer.fast_dev_run=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
     if backbone == "Annotated":
+        with pytest.raises(SystemExit):
+            main([*args, "--print_config"])
+        assert "gate_bias: 2.5" in capsys.readouterr().out  # the operator's own option reaches it
         assert main(args) == 0
         return
     with pytest.raises(SystemExit) as stop:

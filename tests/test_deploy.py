@@ -241,6 +241,25 @@ def test_a_dcd_subclass_that_computes_otherwise_is_not_folded(variant: type) -> 
     assert DCDReleaseConv2d(8, 16, 3).redefined() == [] and DCDReleaseLinear(8, 4).redefined() == []
 
 
+def test_a_dcd_subclass_that_only_counts_or_initialises_otherwise_still_folds() -> None:
+    class Counted(DCDConv2d):
+        def reset_parameters(self) -> None:
+            super().reset_parameters()
+            torch.nn.init.normal_(self.expand, 0.0, 0.3)
+
+        def madds(self, height: int, width: int) -> int:
+            return super().madds(height, width) + 1
+
+    layer = Counted(8, 16, 3).double().eval()
+    assert layer.redefined() == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layer.fold_for_inference()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-10, atol=1e-10)
+
+
 def test_export_and_profile_take_the_models_input_channels(capsys: pytest.CaptureFixture[str]) -> None:
     """A one-channel model (in_chans=1, e.g. the digits with data.channels=1): export, its check and
     profile fed it three channels."""

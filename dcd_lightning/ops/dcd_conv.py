@@ -39,6 +39,9 @@ from ._common import (
 )
 from ._folded import VERSION, FoldedDCD, place_blocks
 
+# DCDConv2d's methods that a subclass may redefine and still fold: none computes the layer's output
+NOT_COMPUTING = frozenset({"reset_parameters", "extra_repr", "madds", "branch_madds", "residual_madds", "redefined"})
+
 
 class DCDConv2d(nn.Module):
     """Dynamic convolution decomposition W(x) = Lambda(x) W0 + P Phi(x) Q^T of a k x k convolution.
@@ -388,9 +391,10 @@ class DCDConv2d(nn.Module):
     def redefined(self) -> list[str]:
         """The methods of DCDConv2d (and its branch's class) that this layer's class takes from
         outside this package: where there are any, the inference fold and a batch norm moved into
-        the layer (optimize_for_inference) would not compute what the layer computes."""
+        the layer (optimize_for_inference) would not compute what the layer computes. Methods
+        that compute nothing of the output (initialisation, counting, printing) do not count."""
         names = [f"{type(self).__name__}.{name}" for name, value in vars(DCDConv2d).items()
-                 if callable(value) and not name.startswith("__")
+                 if callable(value) and not name.startswith("__") and name not in NOT_COMPUTING
                  and not getattr(getattr(type(self), name), "__module__", "").startswith(__package__ or "dcd_lightning")]
         if type(self.branch) is not DynamicBranch:
             names.append(f"its branch ({type(self.branch).__name__})")

@@ -56,7 +56,10 @@ def load_sweep(path: str | Path, method: str | None = None) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ValueError(f"sweep: {path} is not a file; expected a W&B sweep file such as "
                          "configs/sweeps/table2_latent_mult.yaml")
-    spec = yaml.safe_load(Path(path).read_text())
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"sweep: {path} is not valid YAML: {error}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise ValueError(f"sweep: {path} has no 'parameters' mapping; see configs/sweeps/ for the format")
     if method is not None:

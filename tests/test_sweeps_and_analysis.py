@@ -86,6 +86,9 @@ def test_sweep_values_that_str_cannot_round_trip_are_rejected(tmp_path: Path) ->
         load_sweep(bad)
     with pytest.raises(ValueError, match="bayes"):
         expand({"method": "bayes", "parameters": {"a": {"values": [1, 2]}}})
+    bad.write_text("method: grid\nparameters:\n  model.init_args.lr: {values: [${lr}, 0.1}\n")
+    with pytest.raises(ValueError, match=r"(?s)sweep: .*bad.yaml is not valid YAML: .*line 3"):
+        load_sweep(bad)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -193,6 +193,19 @@ def test_a_wrong_model_spec_is_refused_where_it_is_written() -> None:
         ModelSpec("resnet_str", "resnet", (), (("conv", "DCDConv2d"),))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"name must be a non-empty string without ':'"):
         ModelSpec("a:b", "resnet", (), ())
+    with pytest.raises(ValueError, match=r"op: DCDConv2d takes no option \['reductoin'\] \(closest: \{'reductoin': \['reduction'\]\}\)"):
+        op("DCDConv2d", reductoin=4)
+
+
+def test_register_model_replaces_only_when_asked(registry_restored) -> None:
+    from dcd_lightning.models import ModelSpec, op, register_model
+
+    register_model(ModelSpec("resnet10_twice", "resnet", (("depth", 10),), (("conv", op("DCDConv2d", reduction=8)),)))
+    again = ModelSpec("resnet10_twice", "resnet", (("depth", 10),), (("conv", op("DCDConv2d", reduction=4)),))
+    with pytest.raises(ValueError, match=r"'resnet10_twice' is registered already; pass replace=True to replace it"):
+        register_model(again)
+    register_model(again, replace=True)
+    assert create_model("resnet10_twice").layer1[0].conv1.branch.fc.out_features == 16  # 64 channels / 4
 
 
 @pytest.mark.parametrize("name", list_models())

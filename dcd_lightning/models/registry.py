@@ -66,7 +66,18 @@ class OpSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        self.cls  # noqa: B018 (resolve now, so that a wrong name fails where it is written)
+        # resolve now, so that a wrong name or option fails where it is written
+        cls = self.cls
+        try:
+            parameters = inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # no signature to read
+            return
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            unknown = [key for key, _ in self.options if key not in parameters]
+            if unknown:
+                near = {key: difflib.get_close_matches(key, list(parameters), n=1) for key in unknown}
+                raise ValueError(f"op: {cls.__name__} takes no option {unknown} (closest: {near}); "
+                                 f"its parameters are {list(parameters)}")
 
     @property
     def cls(self) -> type[nn.Module]:
@@ -170,10 +181,12 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(spec: ModelSpec) -> ModelSpec:
-    """Add `spec` to the registry under its name."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"register_model: a model named {spec.name!r} is registered already")
+def register_model(spec: ModelSpec, replace: bool = False) -> ModelSpec:
+    """Add `spec` to the registry under its name; `replace` lets it take the place of a model
+    registered under that name before (a notebook cell or a module run again)."""
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"register_model: a model named {spec.name!r} is registered already; "
+                         "pass replace=True to replace it")
     _REGISTRY[spec.name] = spec
     return spec
 

@@ -98,13 +98,19 @@ def check_onnx(
             "residual grows from block to block until it overflows (the official release initialises its "
             "layers the same way). Check trained weights instead (--config FILE --checkpoint last.ckpt)"
         )
+    scale = float(expected.abs().max()) or 1.0
+    spread = float((expected - expected[:1]).abs().max())
+    if spread <= 1e-6 * scale:
+        print(f"export-onnx --check: note: PyTorch's logits are the same for all {batch} random images (they differ "
+              f"by at most {spread:.1e}), so the comparison checks little of the model. An untrained model can do "
+              "this in eval mode, where its batch norms hold no running statistics yet; check trained weights "
+              "(--config FILE --checkpoint last.ckpt)", file=sys.stderr)
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"images": images.numpy()})
     if logits.shape != tuple(expected.shape):
         raise RuntimeError(f"export-onnx: onnxruntime gave shape {logits.shape}, PyTorch {tuple(expected.shape)}")
     with torch.no_grad():
         exact = copy.deepcopy(model).double().eval()(images.double())
-    scale = float(expected.abs().max()) or 1.0
     difference = float((torch.from_numpy(logits) - expected).abs().max())
     rounding = float((expected.double() - exact).abs().max())
     return difference, difference / scale, rounding / scale

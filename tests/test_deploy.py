@@ -274,6 +274,20 @@ def test_export_and_profile_take_the_models_input_channels(capsys: pytest.Captur
     assert json.loads(capsys.readouterr().out)["madds"] > 0
 
 
+def test_export_check_notes_logits_that_do_not_depend_on_the_input(capsys: pytest.CaptureFixture[str]) -> None:
+    """Constant logits (a classifier that sees nothing of its features) compare equal whatever the
+    graph does: the check says so rather than a bare ok."""
+    model = create_model("resnet10_static", num_classes=10).eval()
+    nn.init.zeros_(model.fc.weight)
+    nn.init.normal_(model.fc.bias)
+    difference, _, _ = check_onnx(model, export_onnx(model, 32), 32)
+    assert difference < 1e-6
+    assert "note: PyTorch's logits are the same for all 3 random images" in capsys.readouterr().err
+    nn.init.normal_(model.fc.weight)
+    check_onnx(model, export_onnx(model, 32), 32)
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_export_leaves_the_model_in_its_mode() -> None:
     model = create_model("resnet10_static", num_classes=10).train()
     data = export_onnx(model, 32)

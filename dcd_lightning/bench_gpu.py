@@ -40,6 +40,7 @@ from .bench_models import _warm_up_libraries
 from .bench_ops import machine
 from .models import ResNet, create_model, get_model_spec
 from .ops import CondConv2d, DyConv2d
+from .profiling import input_channels
 
 MODELS = [f"mobilenetv2_x1.0_{k}" for k in ("static", "dcd", "dyconv", "condconv")] + [
     f"resnet50_{k}" for k in ("static", "dcd", "dyconv", "condconv")
@@ -95,8 +96,11 @@ def throughput(name: str, batch: int, size: int, steps: int, warmup: int, device
     model = build(name).to(device).train()
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
+    x = torch.randn(batch, input_channels(model), size, size, device=device).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # the model's own number of classes (a registry model may set num_classes)
+        classes = model.eval()(x[:2]).shape[-1]
+    model.train()
+    y = torch.randint(0, classes, (batch,), device=device)
     forward = model
     if compile_mode is not None:
         torch._dynamo.reset()  # each model compiles afresh, never hitting the recompile limit of earlier ones

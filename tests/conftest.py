@@ -119,3 +119,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     module = sys.modules.get("test_deploy")
     if module is not None:
         module.stop_background_onnx_exports()
+
+
+@pytest.fixture
+def registry_restored():
+    """The model registry as it was before the test (tests register models of their own)."""
+    from dcd_lightning.models import registry
+
+    saved = dict(registry._REGISTRY)
+    yield registry
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

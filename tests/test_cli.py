@@ -305,6 +305,17 @@ def test_bench_gpu_model_settings_reach_every_layer_and_bad_ones_are_refused(cap
     assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
 
 
+def test_bench_gpu_trains_a_registered_model_on_its_own_classes(registry_restored) -> None:
+    """Targets are drawn from the model's classes (a registered model may have 10), and its images
+    have its channels."""
+    from dcd_lightning.bench_gpu import throughput
+    from dcd_lightning.models import ModelSpec, register_model
+
+    register_model(ModelSpec("resnet10_ten_grey", "resnet", (("depth", 10), ("num_classes", 10), ("in_chans", 1)), ()))
+    images_per_second, _ = throughput("resnet10_ten_grey", 2, 32, 1, 1, "cpu", None, False)
+    assert images_per_second > 0
+
+
 def test_bench_gpu_writes_a_table_on_any_device(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gpu.md"
     assert main(["bench-gpu", "--models", "mobilenetv2_x0.35_static,mobilenetv2_x0.35_dcd,mobilenetv2_x0.35_dcd@route=kernel",

@@ -130,17 +130,6 @@ register_model(ModelSpec("{name}", "{module}.TwoLayers", (("width", 6),), (("con
 """
 
 
-@pytest.fixture
-def registry_restored():
-    """The registry as it was before the test (tests register models of their own)."""
-    from dcd_lightning.models import registry
-
-    saved = dict(registry._REGISTRY)
-    yield registry
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
-
-
 def test_a_users_operator_and_backbone_register_and_reach_the_command_line(
     registry_restored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from dcd_lightning.ops import (
     StaticLinear,
     latent_dim_rule,
 )
+from dcd_lightning.testing import assert_close_relative, compare_with_reference, randomise
 
 CIN, COUT = 16, 24
 
@@ -83,51 +85,8 @@ LINEAR_VARIANTS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter and batch-norm statistic random values so no identity hides a bug."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.5)
-        for sub in module.modules():
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                sub.running_mean.copy_(torch.randn(sub.running_mean.shape, generator=generator))
-                sub.running_var.copy_(torch.rand(sub.running_var.shape, generator=generator) + 0.5)
-    return module
-
-
-def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6) -> None:
-    """Max abs difference within `rel` of the largest magnitude of `expected`."""
-    scale = expected.abs().max().clamp_min(1e-12)
-    error = (actual - expected).abs().max() / scale
-    assert error <= rel, f"relative error {error:.3e} > {rel}"
-
-
-def compare(module: nn.Module, x: torch.Tensor, training: bool) -> None:
-    """forward == reference_forward, and gradients of x and of every parameter agree."""
-    module.train(training)
-    weights = torch.randn(module(x.detach()).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    weights = weights.to(x.device)  # tests/test_gpu.py compares on a CUDA device too
-    grads = []
-    outputs = []
-    for path in (module.reference_forward, module.forward):
-        module.zero_grad()
-        inp = x.detach().clone().requires_grad_(True)
-        out = path(inp)
-        (out * weights).sum().backward()
-        outputs.append(out.detach())
-        named = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-        grads.append((inp.grad.clone(), named))
-    assert_close_relative(outputs[1], outputs[0])
-    # the kernels must really differ between samples, or the comparison proves little
-    sample = x if x.dim() == 4 else x[:, :, None, None]
-    kernels, _ = module.sample_kernels(sample)
-    spread = (kernels - kernels.mean(dim=0, keepdim=True)).abs().max()
-    assert spread > 1e-3 * kernels.abs().max()
-    assert_close_relative(grads[1][0], grads[0][0])
-    assert grads[1][1].keys() == grads[0][1].keys()
-    for name, grad in grads[0][1].items():
-        assert_close_relative(grads[1][1][name], grad), name
+# the suite's comparison: the samples' kernels must differ (tests/test_gpu.py imports these names from here too)
+compare = partial(compare_with_reference, distinct_kernels=True)
 
 
 @pytest.fixture(autouse=True)
@@ -631,3 +590,44 @@ def test_single_sample_kernel_route_equals_reference(name: str, training: bool) 
         x = torch.randn(1, CIN, 7, 7, generator=torch.Generator().manual_seed(5))
         module.train(training)
         assert_close_relative(module(x), module.reference_forward(x))
+
+
+class _GatedDCD(DCDConv2d):
+    """A user's variant: its output gated; `gate_in_reference` says whether its reference follows."""
+
+    gate_in_reference = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 **options) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups, **options)
+        self.gate = nn.Conv2d(out_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y * torch.sigmoid(self.gate(y))
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().reference_forward(x)
+        return y * torch.sigmoid(self.gate(y)) if self.gate_in_reference else y
+
+
+def test_check_operator_holds_a_users_operator_to_its_reference() -> None:
+    """dcd_lightning.testing.check_operator, the suite's own comparison for users' operators: it
+    passes ours and a subclass whose reference follows its forward, and names what differs in one
+    whose reference does not."""
+    from dcd_lightning.testing import check_operator
+
+    x = torch.randn(3, 8, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    for op in (DCDConv2d(8, 12, 3, 2, reduction=2), DCDReleaseConv2d(8, 12, 1), DyConv2d(8, 12, 3, temperature=1.0)):
+        check_operator(op, x)
+    with pytest.warns(UserWarning, match=r"train mode: the samples' kernels differ by at most .* proves little"):
+        check_operator(DyConv2d(8, 12, 3), x)  # temperature 30 flattens the attention: alike kernels
+    gated = _GatedDCD(8, 12, 3, 2, reduction=2)
+    with pytest.raises(AssertionError, match=r"train mode, outputs: relative error \S+ > 1e-06 against the reference"):
+        check_operator(gated, x)
+    gated.gate_in_reference = True
+    before = {key: value.clone() for key, value in gated.state_dict().items()}
+    check_operator(gated, x)
+    assert gated.training and all(torch.equal(value, before[key]) for key, value in gated.state_dict().items())
+    with pytest.raises(TypeError, match=r"check_operator: Conv2d has no reference_forward"):
+        check_operator(nn.Conv2d(8, 12, 3), x)

@@ -88,6 +88,20 @@ def _constructor_message(text: str) -> str:
     return "; ".join(causes) or text
 
 
+BACKBONE_SIGNS = ("unrecognized arguments", "is not accepted", "Expected a dot import path",
+                  "the following arguments are required: in_channels")
+
+
+def _backbone_hint(text: str) -> str:
+    """jsonargparse's report, with what a backbone of the user's must look like where the report is
+    about the backbone's operators: its signature decides how the parser reads them."""
+    if 'Parser key "backbone"' not in text or not any(sign in text for sign in BACKBONE_SIGNS):
+        return text
+    return (f"{text}\nIf the backbone is your own: its first parameter must be num_classes, and each parameter "
+            "that takes an operator must be annotated dcd_lightning.models.ConvFactory (LinearFactory for a "
+            "classifier); README, 'Your own operators and models'.")
+
+
 class DCDLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
@@ -124,6 +138,24 @@ class DCDLightningCLI(LightningCLI):
         parser.add_lightning_class_args(TemperatureSchedule, "temperature")
         parser.add_lightning_class_args(RunLocations, "run_locations")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does; a report about the backbone's operators says what a user's
+        backbone must look like (see _backbone_hint)."""
+        action = getattr(parser, "_subcommands_action", None)
+        parsers = [parser, *(getattr(action, "_name_parser_map", {}) or {}).values()]  # each subcommand's too
+        exits = [each.exit_on_error for each in parsers]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            for each, exit_on_error in zip(parsers, exits):
+                each.exit_on_error = exit_on_error
+            parser.error(_backbone_hint(str(error)), error)
+        finally:
+            for each, exit_on_error in zip(parsers, exits):
+                each.exit_on_error = exit_on_error
 
     def instantiate_classes(self) -> None:
         """Build the model, data, callbacks and trainer; a ValueError from a constructor (a bad value

@@ -108,15 +108,21 @@ class Annotated(nn.Module):
 class Unannotated(Annotated):
     def __init__(self, num_classes=1000, in_chans=3, conv=StaticConv2d):
         super().__init__(num_classes, in_chans, conv)
+
+
+class ClassesLast(Annotated):
+    def __init__(self, conv: ConvFactory = StaticConv2d, in_chans: int = 3, num_classes: int = 1000):
+        super().__init__(num_classes, in_chans, conv)
 """
 
 
-@pytest.mark.parametrize("backbone", ["Annotated", "Unannotated"])
+@pytest.mark.parametrize("backbone", ["Annotated", "Unannotated", "ClassesLast"])
 def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A backbone of the user's whose operator parameter is annotated ConvFactory trains with a
     class_path operator of the user's called positionally (the data's channels checked against the
-    operator's, not a layer's inside it); an unannotated one is an error that says what to write."""
+    operator's, not a layer's inside it); an unannotated one, or one whose first parameter is not
+    num_classes, is an error that says what to write."""
     (tmp_path / "own_backbones.py").write_text(OWN_BACKBONES)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tmp_path / "own.yaml"
@@ -135,8 +141,13 @@ def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 2
-    assert "'Namespace' object is not callable. A backbone parameter that takes an operator as a class_path must be " \
-           "annotated dcd_lightning.models.ConvFactory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    if backbone == "Unannotated":  # found when the backbone is built
+        assert "'Namespace' object is not callable. A backbone parameter that takes an operator as a class_path " \
+               "must be annotated dcd_lightning.models.ConvFactory" in err
+    else:  # found by the parser
+        assert "If the backbone is your own: its first parameter must be num_classes, and each parameter that takes " \
+               "an operator must be annotated dcd_lightning.models.ConvFactory" in err
 
 
 def _tiny_folder(root: Path, train_images: int) -> Path:

@@ -157,7 +157,7 @@ def _fuse_mixture_bn(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
     if norm.weight is not None:
         scale = scale * norm.weight
     shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0)
-    scale, shift = scale.to(fused.weight.dtype), shift.to(fused.weight.dtype)
+    scale, shift = scale.detach().to(fused.weight.dtype), shift.detach().to(fused.weight.dtype)
     with torch.no_grad():
         fused.experts().mul_(scale.view(1, -1, 1, 1, 1))
         if isinstance(conv, DyConv2d):

@@ -132,11 +132,11 @@ def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None 
         model.train(was_training)
     profile = Profile(input_size)
     for name, module in counted:
+        if name not in shapes:
+            continue  # not on the forward path
         # a layer's parameters, less those of the layers inside it that are counted in their own right
         inside = {id(p) for other, sub in counted if other.startswith(f"{name}.") or (not name and other)
                   for p in sub.parameters()}
-        if name not in shapes:
-            continue  # not on the forward path
         shape = shapes[name]
         if hasattr(module, "madds") and callable(module.madds):
             madds = module.madds(*shape[2:]) if len(shape) == 4 else module.madds(1, 1)

@@ -91,9 +91,10 @@ def input_channels(model: nn.Module) -> int:
 
 def _counted_layers(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer whose MAdds are counted: modules with a `madds(height, width)`
-    method and plain nn.Conv2d / nn.Linear. Inside a module with madds(), the children that its
+    method and nn.Conv2d / nn.Linear. Inside a module with madds(), the children that its
     `madds_children` names are its own work; any other child (a subclass's addition) is counted in
-    its own right. A madds() without `madds_children` counts everything inside it."""
+    its own right. A madds() without `madds_children` counts everything inside it. An nn.Conv2d or
+    nn.Linear owns none of its children, so a subclass's extra layer inside one is counted too."""
     seen = set() if seen is None else seen
     if id(module) in seen:
         return []
@@ -104,7 +105,7 @@ def _counted_layers(module: nn.Module, prefix: str = "", seen: set[int] | None =
         if own is None:
             return found
     elif isinstance(module, (nn.Conv2d, nn.Linear)):
-        return [(prefix, module)]
+        found, own = [(prefix, module)], ()
     else:
         found = []
     for name, child in module.named_children():
@@ -130,13 +131,17 @@ def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None 
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+    # a layer's parameters, less those of the layers inside it that are counted in their own right
+    inside: dict[str, set[int]] = {name: set() for name, _ in counted}
+    for name, module in counted:
+        parts = name.split(".") if name else []
+        ancestors = [".".join(parts[:i]) for i in range(len(parts))]
+        for ancestor in (a for a in ancestors if a in inside):
+            inside[ancestor].update(id(p) for p in module.parameters())
     profile = Profile(input_size)
     for name, module in counted:
         if name not in shapes:
             continue  # not on the forward path
-        # a layer's parameters, less those of the layers inside it that are counted in their own right
-        inside = {id(p) for other, sub in counted if other.startswith(f"{name}.") or (not name and other)
-                  for p in sub.parameters()}
         shape = shapes[name]
         if hasattr(module, "madds") and callable(module.madds):
             madds = module.madds(*shape[2:]) if len(shape) == 4 else module.madds(1, 1)
@@ -146,7 +151,7 @@ def profile_model(model: nn.Module, input_size: int = 224, in_chans: int | None 
             madds = module.weight.numel() * h_out * w_out
         else:
             madds = module.in_features * module.out_features
-        params = sum(p.numel() for p in module.parameters() if id(p) not in inside)
+        params = sum(p.numel() for p in module.parameters() if id(p) not in inside[name])
         profile.layers.append(LayerCount(name, _kind(module), params, madds))
     profile.params = sum(p.numel() for p in model.parameters())
     head = classifier_of(model)

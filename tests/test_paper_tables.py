@@ -113,7 +113,7 @@ def test_profile_counts_what_a_subclass_adds_to_an_operator_once() -> None:
     import torch
     from torch import nn
 
-    from dcd_lightning.ops import DCDConv2d, DyConv2d
+    from dcd_lightning.ops import DCDConv2d, DyConv2d, StaticConv2d
 
     class GatedDCD(DCDConv2d):
         def __init__(self, *args, **kwargs) -> None:
@@ -159,3 +159,16 @@ def test_profile_counts_what_a_subclass_adds_to_an_operator_once() -> None:
     counted = profile_model(nn.Sequential(scaled), input_size=8)
     assert counted.madds == dy.madds(8, 8) + 16 * 24
     assert sum(layer.params for layer in counted.layers) == sum(p.numel() for p in scaled.parameters())
+
+    class GatedStatic(StaticConv2d):  # nn.Conv2d and nn.Linear own none of their children either
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.gate = nn.Conv2d(self.out_channels, self.out_channels, 1)
+
+        def forward(self, x):
+            y = super().forward(x)
+            return y * torch.sigmoid(self.gate(y))
+
+    counted = profile_model(nn.Sequential(GatedStatic(16, 24, 3)), input_size=8)
+    by_layer = {layer.name: (layer.params, layer.madds) for layer in counted.layers}
+    assert by_layer == {"0": (16 * 24 * 9, 16 * 24 * 9 * 64), "0.gate": (24 * 24 + 24, gate)}

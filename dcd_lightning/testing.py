@@ -8,8 +8,9 @@ every sample's kernel formed, then a plain convolution each). `check_operator` r
 float64 copy of the operator with random parameters and batch-norm statistics (so that no
 identity hides a mistake), in train and in eval mode, and compares the outputs and the gradients
 of the input and of every parameter. Where the operator folds for inference
-(`fold_for_inference`), the folded eval path is held to the reference too, at batch 1 and at the
-batch given. Where it can give each sample's kernels (`sample_kernels`), a warning says so when
+(`fold_for_inference` returns True), the folded eval path is held to the reference too, at batch 1
+and at the batch given; where it declines (a DCD subclass that redefines forward is not folded),
+there is no folded path to check. It returns the names of the checks it made. Where it can give each sample's kernels (`sample_kernels`), a warning says so when
 they hardly differ between the samples (the comparison then proves little: give inputs that make
 them differ). A difference raises AssertionError naming what differed and by how much, relative to
 the reference's largest value.
@@ -74,7 +75,8 @@ def compare_with_reference(module: nn.Module, x: Tensor, training: bool, rel: fl
     assert_close_relative(out, expected, rel, f"{mode} mode, outputs")
     sample = x if x.dim() == 4 else x[:, :, None, None]
     if hasattr(module, "sample_kernels") and x.shape[0] > 1:
-        kernels = module.sample_kernels(sample)[0]
+        with torch.no_grad():
+            kernels = module.sample_kernels(sample)[0]
         spread = (kernels - kernels.mean(dim=0, keepdim=True)).abs().max()
         if not spread > 1e-3 * kernels.abs().max():
             message = (f"{mode} mode: the samples' kernels differ by at most {float(spread):.1e}, so the comparison "
@@ -89,10 +91,15 @@ def compare_with_reference(module: nn.Module, x: Tensor, training: bool, rel: fl
         assert_close_relative(params[name], grad, rel, f"{mode} mode, gradient of {name}")
 
 
-def check_operator(module: nn.Module, x: Tensor, rel: float = 1e-6, seed: int = 0) -> None:
+def check_operator(module: nn.Module, x: Tensor, rel: float = 1e-6, seed: int = 0,
+                   distinct_kernels: bool = False) -> list[str]:
     """Hold `module`'s fast path to its reference_forward on input `x` (a batch of at least two
     samples): a float64 copy with random parameters, train and eval mode, outputs and gradients,
-    and the folded inference path where there is one. `module` itself is left as it was."""
+    and the folded inference path where the operator folds. `module` itself is left as it was.
+    Returns what was checked, e.g. ["train mode", "eval mode", "folded inference at batch 1",
+    "folded inference at batch 3"]: no "folded" entries where the operator has no fold or
+    declines it (fold_for_inference() returning False). Samples' kernels that hardly differ get a
+    warning, or with `distinct_kernels` an AssertionError."""
     if not callable(getattr(module, "reference_forward", None)):
         raise TypeError(f"check_operator: {type(module).__name__} has no reference_forward to hold its forward to; "
                         "give it one that forms every sample's kernel and runs a plain convolution with it")
@@ -100,12 +107,16 @@ def check_operator(module: nn.Module, x: Tensor, rel: float = 1e-6, seed: int = 
         raise ValueError(f"check_operator: x has {x.shape[0]} sample; give at least 2, so that kernels can differ")
     copied = randomise(copy.deepcopy(module).double(), seed)
     x = x.double()
+    checked = []
     for training in (True, False):
-        compare_with_reference(copied, x, training, rel)
+        compare_with_reference(copied, x, training, rel, distinct_kernels)
+        checked.append("train mode" if training else "eval mode")
     if callable(getattr(copied, "fold_for_inference", None)):
         copied.eval()
-        copied.fold_for_inference()
-        with torch.no_grad():
-            for batch in (x[:1], x):
-                assert_close_relative(copied(batch), copied.reference_forward(batch), rel,
-                                      f"folded inference at batch {batch.shape[0]}, outputs")
+        if copied.fold_for_inference() is not False:
+            with torch.no_grad():
+                for batch in (x[:1], x):
+                    what = f"folded inference at batch {batch.shape[0]}"
+                    assert_close_relative(copied(batch), copied.reference_forward(batch), rel, f"{what}, outputs")
+                    checked.append(what)
+    return checked

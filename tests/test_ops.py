@@ -618,16 +618,22 @@ def test_check_operator_holds_a_users_operator_to_its_reference() -> None:
     from dcd_lightning.testing import check_operator
 
     x = torch.randn(3, 8, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    for op in (DCDConv2d(8, 12, 3, 2, reduction=2), DCDReleaseConv2d(8, 12, 1), DyConv2d(8, 12, 3, temperature=1.0)):
-        check_operator(op, x)
-    with pytest.warns(UserWarning, match=r"train mode: the samples' kernels differ by at most .* proves little"):
-        check_operator(DyConv2d(8, 12, 3), x)  # temperature 30 flattens the attention: alike kernels
+    folded = ["train mode", "eval mode", "folded inference at batch 1", "folded inference at batch 3"]
+    for op in (DCDConv2d(8, 12, 3, 2, reduction=2), DCDReleaseConv2d(8, 12, 1)):
+        assert check_operator(op, x, distinct_kernels=True) == folded
+    assert check_operator(DyConv2d(8, 12, 3, reduction=1), x, distinct_kernels=True) == ["train mode", "eval mode"]
+    # at reduction 4 the attention's two hidden units are zero for every sample at this seed: alike kernels
+    with pytest.warns(UserWarning, match=r"(train|eval) mode: the samples' kernels differ by at most .* proves little"):
+        check_operator(DyConv2d(8, 12, 3), x)
+    with pytest.raises(AssertionError, match=r"train mode: the samples' kernels differ by at most"):
+        check_operator(DyConv2d(8, 12, 3), x, distinct_kernels=True)
     gated = _GatedDCD(8, 12, 3, 2, reduction=2)
     with pytest.raises(AssertionError, match=r"train mode, outputs: relative error \S+ > 1e-06 against the reference"):
         check_operator(gated, x)
     gated.gate_in_reference = True
     before = {key: value.clone() for key, value in gated.state_dict().items()}
-    check_operator(gated, x)
+    with pytest.warns(UserWarning, match=r"_GatedDCD is not folded for inference: it redefines _GatedDCD.forward"):
+        assert check_operator(gated, x) == ["train mode", "eval mode"]  # no folded path: not checked twice
     assert gated.training and all(torch.equal(value, before[key]) for key, value in gated.state_dict().items())
     with pytest.raises(TypeError, match=r"check_operator: Conv2d has no reference_forward"):
         check_operator(nn.Conv2d(8, 12, 3), x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import types
 import typing
@@ -94,8 +95,12 @@ BACKBONE_SIGNS = ("unrecognized arguments", "is not accepted", "Expected a dot i
 
 def _backbone_hint(text: str) -> str:
     """jsonargparse's report, with what a backbone of the user's must look like where the report is
-    about the backbone's operators: its signature decides how the parser reads them."""
+    about the backbone's operators: its signature decides how the parser reads them. Not for ours
+    (a class_path in dcd_lightning): there the report is about a mistyped or unknown option."""
     if 'Parser key "backbone"' not in text or not any(sign in text for sign in BACKBONE_SIGNS):
+        return text
+    backbone = re.search(r"""Parser key "backbone".*?class_path=['"]([^'"]+)['"]""", text, re.DOTALL)
+    if backbone and backbone.group(1).startswith("dcd_lightning."):
         return text
     return (f"{text}\nIf the backbone is your own: its first parameter must be num_classes, and each parameter "
             "that takes an operator must be annotated dcd_lightning.models.ConvFactory (LinearFactory for a "

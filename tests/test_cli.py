@@ -150,6 +150,18 @@ def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path
                "an operator must be annotated dcd_lightning.models.ConvFactory" in err
 
 
+def test_the_own_backbone_hint_is_not_given_for_ours(capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped option of one of our backbones is reported as jsonargparse reports it, without
+    the advice on how a user's backbone must look."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+              "--model.init_args.backbone.init_args.dpeth=10"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Option 'dpeth' is not accepted" in err
+    assert "If the backbone is your own" not in err
+
+
 def _tiny_folder(root: Path, train_images: int) -> Path:
     from PIL import Image
 

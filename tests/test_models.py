@@ -237,13 +237,28 @@ def test_backbones_initialise_their_own_layers_not_those_inside_an_operator() ->
             super().__init__(*args, **kwargs)
             nn.init.ones_(self.weight)
 
-    for model in (ResNet(depth=10, conv=ZeroGated), MobileNetV2(width_mult=0.35, pointwise=ZeroGated, depthwise=OnesConv)):
+    def ones_in_sequence(in_channels, out_channels, kernel_size=1, stride=1, groups=1):
+        """An operator that is an nn.Sequential, with an init of its own."""
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        nn.init.ones_(conv.weight)
+        return nn.Sequential(conv, nn.Identity())
+
+    torch.manual_seed(0)
+    for model in (ResNet(depth=10, conv=ZeroGated, downsample_conv=ones_in_sequence),
+                  MobileNetV2(width_mult=0.35, pointwise=ZeroGated, depthwise=OnesConv)):
         gated = [m for m in model.modules() if isinstance(m, ZeroGated)]
         assert gated and all(not m.gate.weight.any() and not m.norm.weight.any() for m in gated)
         assert all(bool((m.weight == 1).all()) for m in model.modules() if isinstance(m, OnesConv))
-        static = [m for m in model.modules() if type(m) in (nn.Conv2d, StaticConv2d)]
-        assert static and all(m.weight.std() < 1 for m in static)  # Kaiming (fan-out), not the ones above
-        inside = {id(m.norm) for m in gated}
+        ones = {id(m[0]) for m in model.modules() if isinstance(m, nn.Sequential) and isinstance(m[-1], nn.Identity)}
+        assert len(ones) == (3 if isinstance(model, ResNet) else 0)
+        assert all(bool((model.get_submodule(name).weight == 1).all())
+                   for name, m in model.named_modules() if id(m) in ones)
+        inside = {id(sub) for m in gated for sub in m.modules()}
+        static = [m for m in model.modules() if type(m) in (nn.Conv2d, StaticConv2d) and id(m) not in ones | inside]
+        assert static
+        for conv in static:  # Kaiming (fan-out), not the ones above
+            kaiming = (2 / (conv.out_channels * conv.weight[0, 0].numel())) ** 0.5
+            assert 0.8 < float(conv.weight.std()) / kaiming < 1.2, (conv, float(conv.weight.std()), kaiming)
         assert all(bool((m.weight == 1).all()) for m in model.modules() if type(m) is nn.BatchNorm2d and id(m) not in inside)
 
 

@@ -20,11 +20,25 @@ LinearFactory = Callable[[int, int], nn.Module]
 """(in_features, out_features) -> a classifier operator."""
 
 
-def own_layers(backbone: nn.Module) -> Iterator[nn.Module]:
+def recording(factory: Callable[..., nn.Module], built: set[int]) -> Callable[..., nn.Module]:
+    """`factory`, noting in `built` the id of every module it returns: a backbone's operators,
+    which own_layers does not enter, whatever their class (an nn.Sequential included)."""
+
+    def build(*args: object, **kwargs: object) -> nn.Module:
+        module = factory(*args, **kwargs)
+        built.add(id(module))
+        return module
+
+    return build
+
+
+def own_layers(backbone: nn.Module, operators: set[int] | frozenset[int] = frozenset()) -> Iterator[nn.Module]:
     """The backbone's own layers, for its initialisation: every module reached through its structure
     (nn.Sequential and this package's model classes), not the layers inside the operators that its
-    factories built, which keep their own initialisation."""
+    factories built (`operators`, ids noted by recording), which keep their own initialisation."""
     for child in backbone.children():
         yield child
+        if id(child) in operators:
+            continue
         if isinstance(child, (nn.Sequential, nn.ModuleList)) or type(child).__module__.startswith(__package__ or "-"):
-            yield from own_layers(child)
+            yield from own_layers(child, operators)

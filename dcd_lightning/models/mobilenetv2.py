@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..ops import StaticConv2d, StaticLinear
 from ..ops._common import check_int
-from .factories import ConvFactory, LinearFactory, own_layers
+from .factories import ConvFactory, LinearFactory, own_layers, recording
 
 # t (expansion), c (channels), n (repeats), s (stride of the first repeat)
 INVERTED_RESIDUAL_SETTING = [
@@ -95,6 +95,8 @@ class MobileNetV2(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MobileNetV2: dropout={dropout} is not allowed; expected 0 <= dropout < 1")
         self.width_mult = width_mult
+        operators: set[int] = set()  # what the factories build keeps its own initialisation
+        pointwise, depthwise, classifier = (recording(f, operators) for f in (pointwise, depthwise, classifier))
         input_channel = _make_divisible(32 * width_mult)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
         stem = nn.Conv2d(in_chans, input_channel, 3, 1 if small_input else 2, 1, bias=False)
@@ -114,12 +116,12 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), classifier(self.last_channel, num_classes))
         self.num_features = self.last_channel
-        self._init_static_layers()
+        self._init_static_layers(operators)
 
-    def _init_static_layers(self) -> None:
-        """torchvision's initialisation for the static layers; operators keep their own (and so do
-        the layers inside them)."""
-        for module in own_layers(self):
+    def _init_static_layers(self, operators: set[int]) -> None:
+        """torchvision's initialisation for the static layers; operators (the ids of what the
+        factories built) keep their own, and so do the layers inside them."""
+        for module in own_layers(self, operators):
             if type(module) in (nn.Conv2d, StaticConv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")
             elif type(module) is nn.BatchNorm2d:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..ops import StaticConv2d, StaticLinear
 from ..ops._common import check_int
 from ..ops.pooling import MaxPool2d
-from .factories import ConvFactory, LinearFactory, own_layers
+from .factories import ConvFactory, LinearFactory, own_layers, recording
 
 DEPTHS: dict[int, tuple[str, list[int]]] = {
     10: ("basic", [1, 1, 1, 1]),
@@ -93,6 +93,8 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: dropout={dropout} is not allowed; expected 0 <= dropout < 1")
         kind, layers = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
+        operators: set[int] = set()  # what the factories build keeps its own initialisation
+        conv, classifier, downsample_conv = (recording(f, operators) for f in (conv, classifier, downsample_conv))
         self.inplanes = 64
         if small_input:
             self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -123,7 +125,7 @@ class ResNet(nn.Module):
         self.num_features = self.inplanes
         # torchvision's initialisation of the static layers; operators keep their own (and so do
         # the layers inside them)
-        for module in own_layers(self):
+        for module in own_layers(self, operators):
             if type(module) in (nn.Conv2d, StaticConv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif type(module) is nn.BatchNorm2d and module.affine:

@@ -5,6 +5,8 @@ background (see pytest_collection_finish)."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,19 @@ def registry_restored():
     yield registry
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], None]]:
+    """write(name, text): a module of the user's in tmp_path, importable during this test only (it
+    leaves sys.path and sys.modules as they were, so no later test imports it by chance)."""
+    written: list[str] = []
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(name: str, text: str) -> None:
+        (tmp_path / f"{name}.py").write_text(text)
+        written.append(name)
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)

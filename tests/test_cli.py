@@ -117,14 +117,13 @@ class ClassesLast(Annotated):
 
 
 @pytest.mark.parametrize("backbone", ["Annotated", "Unannotated", "ClassesLast"])
-def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path, user_module,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A backbone of the user's whose operator parameter is annotated ConvFactory trains with a
     class_path operator of the user's called positionally (the data's channels checked against the
     operator's, not a layer's inside it); an unannotated one, or one whose first parameter is not
     num_classes, is an error that says what to write."""
-    (tmp_path / "own_backbones.py").write_text(OWN_BACKBONES)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    user_module("own_backbones", OWN_BACKBONES)
     config = tmp_path / "own.yaml"
     config.write_text(yaml.safe_dump({"model": {"init_args": {"backbone": {
         "class_path": f"own_backbones.{backbone}",

@@ -131,15 +131,14 @@ register_model(ModelSpec("{name}", "{module}.TwoLayers", (("width", 6),), (("con
 
 
 def test_a_users_operator_and_backbone_register_and_reach_the_command_line(
-    registry_restored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    registry_restored, user_module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Own classes (by class or dotted path) in a ModelSpec: built, written as a config that names
     them, and found by the tools as "module:name", which imports the module that registers it."""
     from dcd_lightning import profile_cmd
     from dcd_lightning.models import ModelSpec, get_model_spec, op, register_model
 
-    (tmp_path / "my_dcd_models.py").write_text(USER_MODULE.format(name="two_layers_mine", module="my_dcd_models"))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    user_module("my_dcd_models", USER_MODULE.format(name="two_layers_mine", module="my_dcd_models"))
     assert "two_layers_mine" not in list_models()
     model = create_model("my_dcd_models:two_layers_mine", num_classes=4)
     assert type(model).__name__ == "TwoLayers" and type(model.conv).__name__ == "ScaledConv2d" and model.conv.scale == 0.5

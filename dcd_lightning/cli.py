@@ -67,7 +67,7 @@ def _walk_operators(node: Any, path: str = "") -> list[tuple[str, str, dict]]:
     found = []
     if isinstance(node, dict):
         if "class_path" in node:
-            found.append((path, str(node["class_path"]).rsplit(".", 1)[1], dict(node.get("init_args") or {})))
+            found.append((path, str(node["class_path"]).rsplit(".", 1)[-1], dict(node.get("init_args") or {})))
         for key, value in node.items():
             found += _walk_operators(value, key if key not in ("init_args", "class_path") else path)
     return found

@@ -649,6 +649,8 @@ def test_run_name_and_tags_from_a_paper_config() -> None:
     name, tags = describe_run(config)
     assert name == "mobilenetv2_x0.5_pointwise-DCDReleaseConv2d_depthwise-GatedDepthwise"
     assert {"depthwise:GatedDepthwise", "num_blocks=2", "num_blocks=4"} <= set(tags)
+    config["model"]["init_args"]["backbone"]["init_args"]["depthwise"]["class_path"] = "GatedDepthwise"  # a bare name
+    assert describe_run(config)[0] == "mobilenetv2_x0.5_pointwise-DCDReleaseConv2d_depthwise-GatedDepthwise"
 
 
 def test_wandb_goes_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -155,6 +155,19 @@ def test_a_users_operator_and_backbone_register_and_reach_the_command_line(
     assert spec.backbone_config()["init_args"]["conv"]["class_path"] == "my_dcd_models.ScaledConv2d"
     assert create_model("resnet10_scaled").layer1[0].conv1.scale == 2.0
 
+    # a class defined where no config can import it builds, but has no class_path to write
+    class Local(ScaledConv2d):
+        pass
+
+    spec = register_model(ModelSpec("resnet10_local", "resnet", (("depth", 10),), (("conv", op(Local)),)))
+    assert isinstance(create_model("resnet10_local").layer1[0].conv1, Local)
+    with pytest.raises(ValueError, match=r"Local is defined inside a function, so a config cannot name it by an "
+                                         r"importable class_path; define it at the top level of a module"):
+        spec.backbone_config()
+    Local.__module__, Local.__qualname__ = "__main__", "Local"
+    with pytest.raises(ValueError, match=r"Local is defined in __main__ \(a script or notebook\), so a config"):
+        spec.backbone_config()
+
     assert profile_cmd.main(["--model", "my_dcd_models:two_layers_mine", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["params_all"] == sum(p.numel() for p in create_model("two_layers_mine").parameters()) == 162 + 7000

@@ -54,6 +54,12 @@ def _class_path(cls: type) -> str:
         return f"dcd_lightning.ops.{cls.__name__}"
     if cls in BACKBONES.values():
         return f"dcd_lightning.models.{cls.__name__}"
+    where = ("inside a function" if "<locals>" in cls.__qualname__
+             else "in __main__ (a script or notebook)" if cls.__module__ == "__main__" else "")
+    if where:
+        raise ValueError(f"{cls.__qualname__} is defined {where}, so a config cannot name it by an importable "
+                         f"class_path; define it at the top level of a module (mypackage/ops.py, say) and import it "
+                         "from there")
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

@@ -137,13 +137,17 @@ class ImageClassifier(L.LightningModule):
             self.model = backbone(num_classes)
         except TypeError as error:
             text = str(error)
-            if "'Namespace' object is not callable" not in text and "got multiple values for argument" not in text:
+            if "'Namespace' object is not callable" in text:
+                cause = "A backbone parameter"
+            elif "got multiple values for argument" in text:  # also a backbone's own mistake: not certain
+                cause = "If the backbone called an operator given as a class_path: a backbone parameter"
+            else:
                 raise
             raise TypeError(
-                f"{name}: building the backbone failed: {text}. A backbone parameter that takes an operator as a "
-                "class_path must be annotated dcd_lightning.models.ConvFactory (Callable[[int, int, int, int, int], "
-                "nn.Module]) or LinearFactory: jsonargparse passes an unannotated one the config itself (a Namespace), "
-                "and a Callable of fewer ints no more positional arguments than it names"
+                f"{name}: building the backbone failed: {text}. {cause} that takes an operator as a class_path must "
+                "be annotated dcd_lightning.models.ConvFactory (Callable[[int, int, int, int, int], nn.Module]) or "
+                "LinearFactory: jsonargparse passes an unannotated one the config itself (a Namespace), and a "
+                "Callable of fewer ints takes no more positional arguments than it names"
             ) from error
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -185,9 +189,11 @@ class ImageClassifier(L.LightningModule):
         channels = getattr(data, "hparams", {}).get("channels", 3)
         takes = declared_input_channels(self.model)
         if takes is not None and takes != channels:
+            said_by = ("its in_chans" if isinstance(getattr(self.model, "in_chans", None), int)
+                       else "the in_channels of its first layer")
             raise ValueError(
-                f"{type(data).__name__} gives images with {channels} channels, but the backbone's first convolution "
-                f"takes {takes}; set model.init_args.backbone.init_args.in_chans={channels} (or "
+                f"{type(data).__name__} gives images with {channels} channels, but the backbone takes {takes} "
+                f"({said_by}); set model.init_args.backbone.init_args.in_chans={channels} (or "
                 f"data.init_args.channels={takes})"
             )
 

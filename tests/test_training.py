@@ -351,11 +351,31 @@ def test_runs_sharing_a_log_folder_keep_their_configs(tmp_path: Path, capsys: py
 
 
 def test_data_channels_that_the_backbone_does_not_take_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"DigitsDataModule gives images with 1 channels, but the backbone's first "
-                                         r"convolution takes 3; set model.init_args.backbone.init_args.in_chans=1"):
+    with pytest.raises(ValueError, match=r"DigitsDataModule gives images with 1 channels, but the backbone takes 3 "
+                                         r"\(its in_chans\); set model.init_args.backbone.init_args.in_chans=1"):
         fit("--config", QUICKSTART, *QUIET, "--data.init_args.channels=1", f"--trainer.default_root_dir={tmp_path}")
     fit("--config", QUICKSTART, *QUIET, "--data.init_args.channels=1", "--data.init_args.image_size=8",
         "--model.init_args.backbone.init_args.in_chans=1", "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}")
+
+
+def test_a_backbone_that_cannot_be_built_says_what_an_operator_parameter_needs() -> None:
+    """'got multiple values' can be jsonargparse's two-int Callable called with five ints, or the
+    backbone's own mistake: the advice is conditional there, and plain for a Namespace."""
+    def shifted(in_channels, out_channels):
+        return torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    def calls_positionally(num_classes):
+        return shifted(3, 8, out_channels=8)
+
+    with pytest.raises(TypeError, match=r"got multiple values for argument 'out_channels'\. If the backbone called an "
+                                        r"operator given as a class_path: a backbone parameter that takes an operator"):
+        ImageClassifier(backbone=calls_positionally, num_classes=4)
+
+    def given_a_namespace(num_classes):
+        return SimpleNamespace()(3, 8)
+
+    with pytest.raises(TypeError, match=r"^'types.SimpleNamespace' object is not callable$"):  # not jsonargparse's: no advice
+        ImageClassifier(backbone=given_a_namespace, num_classes=4)
 
 
 def test_a_saved_config_reruns_into_a_new_root(tmp_path: Path) -> None:

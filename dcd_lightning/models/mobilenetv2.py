@@ -90,6 +90,7 @@ class MobileNetV2(nn.Module):
         super().__init__()
         check_int("MobileNetV2", "num_classes", num_classes)
         check_int("MobileNetV2", "in_chans", in_chans)
+        self.in_chans = in_chans  # the image channels it takes (profile, export and fit read it)
         if width_mult <= 0:
             raise ValueError(f"MobileNetV2: width_mult={width_mult} is not allowed; expected a number > 0")
         if not 0.0 <= dropout < 1.0:

@@ -87,6 +87,7 @@ class ResNet(nn.Module):
         super().__init__()
         check_int("ResNet", "num_classes", num_classes)
         check_int("ResNet", "in_chans", in_chans)
+        self.in_chans = in_chans  # the image channels it takes (profile, export and fit read it)
         if depth not in DEPTHS:
             raise ValueError(f"ResNet: depth={depth} is not allowed; expected one of {sorted(DEPTHS)}")
         if not 0.0 <= dropout < 1.0:

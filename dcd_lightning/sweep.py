@@ -163,6 +163,14 @@ def shared_root(planned: list[Trial]) -> str | None:
     return os.path.commonpath([os.path.normpath(root) for root in roots]) or "."
 
 
+def missing_configs(command: list[str]) -> list[str]:
+    """The config files a trial's command names (`--config FILE`, `--config=FILE`) that do not
+    exist from the current folder, against which the command's relative paths are read."""
+    named = [command[i + 1] for i, item in enumerate(command[:-1]) if item == "--config"]
+    named += [item.split("=", 1)[1] for item in command if item.startswith("--config=")]
+    return [path for path in named if not Path(path).is_file()]
+
+
 def main(argv: list[str] | None = None) -> int:
     """List and run the trials of a sweep file."""
     parser = argparse.ArgumentParser(prog="python -m dcd_lightning sweep", description=__doc__,
@@ -188,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep {name}: the trials' configs differ in default_root_dir; every trial goes under {root}/{name}")
     for trial in planned:
         print(f"[trial {trial.index:03d}] {shlex.join(trial.command + common + args.extra)}")
+    missing = sorted({path for trial in planned for path in missing_configs(trial.command + common + args.extra)})
+    if missing:
+        message = (f"the trials' config file(s) {missing} do not exist from this folder ({os.getcwd()}); a sweep "
+                   "file's paths are read from the folder the trials run in, as `wandb agent` runs them: run it "
+                   "from the repository root (or the folder they are relative to)")
+        if not args.dry_run:
+            parser.error(message)
+        print(f"sweep {name}: note: {message}")
     if args.dry_run:
         return 0
     failed = 0

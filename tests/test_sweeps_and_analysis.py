@@ -105,6 +105,26 @@ def test_sweep_command_reports_bad_input(args: list[str], message: str, capsys: 
     assert message in capsys.readouterr().err
 
 
+def test_a_sweep_run_where_its_config_paths_do_not_lead_says_so_before_any_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sweep files name configs relative to the repository root: run from elsewhere, every trial
+    used to fail in turn, each with the parser's error; now the sweep stops first and says why."""
+    monkeypatch.chdir(tmp_path)
+    sweep = str(ROOT / "configs" / "sweeps" / "table2_latent_mult.yaml")
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", sweep, "--count", "1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "config file(s) ['configs/paper/table2_mobilenetv2_x0.5_dcd_pw.yaml'] do not exist from this folder" in err
+    assert "run it from the repository root" in err
+    assert main(["sweep", sweep, "--dry-run"]) == 0  # listed, with the note
+    assert "sweep table2_latent_mult: note: the trials' config file(s)" in capsys.readouterr().out
+    monkeypatch.chdir(ROOT)
+    assert main(["sweep", sweep, "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_sweep_over_config_files_puts_every_trial_under_one_folder(capsys: pytest.CaptureFixture[str]) -> None:
     """The row configs of a table each have their own default_root_dir (runs/paper/<model>): the
     trials go under the folder holding them all, so load_runs(<root>/<sweep>) finds every one."""

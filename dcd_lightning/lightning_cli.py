@@ -7,6 +7,7 @@ import re
 import time
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,33 @@ def _backbone_hint(text: str) -> str:
     return (f"{text}\nIf the backbone is your own: its first parameter must be num_classes, and each parameter "
             "that takes an operator must be annotated dcd_lightning.models.ConvFactory (LinearFactory for a "
             "classifier); README, 'Your own operators and models'.")
+
+
+def _warn_of_positional_mismatch(config: Any) -> None:
+    """A user's backbone may call its operators positionally, as ConvFactory and LinearFactory give
+    their arguments: warn of an operator class_path in its config that takes them in another order
+    (see positional_mismatch). Our backbones call by keyword, so theirs are not checked."""
+    import importlib
+
+    from .models.factories import positional_mismatch
+
+    model = config.get("model") if hasattr(config, "get") else None
+    backbone = (model.get("init_args") or {}).get("backbone") if hasattr(model, "get") else None
+    if not hasattr(backbone, "get") or str(backbone.get("class_path", "")).startswith("dcd_lightning."):
+        return
+    init_args = backbone.get("init_args") or {}
+    for name, value in (init_args if isinstance(init_args, dict) else vars(init_args)).items():  # not flattened
+        path = value.get("class_path") if hasattr(value, "get") else None
+        if not isinstance(path, str) or "." not in path:
+            continue
+        module, _, attribute = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError):
+            continue  # the parser has already said what it could not import
+        problem = positional_mismatch(cls) if isinstance(cls, type) else None
+        if problem:
+            warnings.warn(f"backbone {backbone.get('class_path')}, parameter {name}: {problem}", stacklevel=2)
 
 
 class DCDLightningCLI(LightningCLI):
@@ -235,10 +263,12 @@ class DCDLightningCLI(LightningCLI):
         self._resolve_evaluation_checkpoint()
 
     def before_instantiate_classes(self) -> None:
-        """Put loggers under default_root_dir and name W&B runs from the config."""
+        """Put loggers under default_root_dir and name W&B runs from the config; warn of operators
+        that a user's backbone would misread if it called them positionally."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is None:
             return
+        _warn_of_positional_mismatch(config)
         trainer = config.get("trainer")
         root = trainer.get("default_root_dir") or "."
         trial = sweep_trial_folder()

@@ -95,6 +95,12 @@ class Gated(DCDConv2d):  # a layer inside the first operator has other channels 
         return y * self.gate(y).sigmoid()
 
 
+class ScaleFirst(StaticConv2d):  # kernel_size fourth: a positional call gives it to scale
+    def __init__(self, in_channels: int, out_channels: int, scale: float = 1.0, kernel_size: int = 1,
+                 stride: int = 1, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups)
+
+
 class Annotated(nn.Module):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, conv: ConvFactory = StaticConv2d):
         super().__init__()
@@ -147,6 +153,25 @@ def test_an_own_backbone_takes_operators_from_yaml(backbone: str, tmp_path: Path
     else:  # found by the parser
         assert "If the backbone is your own: its first parameter must be num_classes, and each parameter that takes " \
                "an operator must be annotated dcd_lightning.models.ConvFactory" in err
+
+
+def test_an_operator_that_a_positional_call_would_misread_is_warned_of(
+    tmp_path: Path, user_module, recwarn: pytest.WarningsRecorder
+) -> None:
+    """ConvFactory's five ints given positionally to an operator whose kernel_size is its fourth
+    parameter shift without an error (kernel_size 3 became `scale`): a user's backbone is warned
+    of it; ours call by keyword and are not."""
+    user_module("own_backbones", OWN_BACKBONES)
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.fast_dev_run=1",
+            "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.backbone.init_args.conv.class_path=own_backbones.ScaleFirst"]
+    assert main(args) == 0  # dcd_lightning.models.ResNet
+    assert not [w for w in recwarn if "positionally" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"backbone own_backbones.Annotated, parameter conv: ScaleFirst takes "
+                                         r"kernel_size as parameter 4, where ConvFactory .* gives it as argument 3: a "
+                                         r"backbone that calls it positionally passes kernel_size to its parameter "
+                                         r"'scale'"):
+        assert main([*args, "--model.init_args.backbone.class_path=own_backbones.Annotated"]) == 0
 
 
 def test_the_own_backbone_hint_is_not_given_for_ours(capsys: pytest.CaptureFixture[str]) -> None:

@@ -402,3 +402,22 @@ def test_profile_json_for_a_paper_config(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["profile", "--config", str(table2), "--json", "--trainer.max_epochs=3"]) == 0  # not the model
     rows = json.loads(capsys.readouterr().out)["paper"]
     assert "table2_mobilenetv2_x0.5_latent_multiplier" in {row["table"] for row in rows}
+
+
+def test_every_operator_takes_the_factory_arguments_in_the_factory_order() -> None:
+    """A backbone may call an operator positionally with ConvFactory's (in_channels, out_channels,
+    kernel_size, stride, groups) or LinearFactory's (in_features, out_features): ours take them
+    so; nn.Conv2d does not (its fifth parameter is padding), and positional_mismatch says so."""
+    import inspect
+
+    from torch import nn
+
+    from dcd_lightning import ops
+    from dcd_lightning.models.factories import positional_mismatch
+
+    operators = [cls for cls in vars(ops).values() if inspect.isclass(cls) and issubclass(cls, nn.Module)]
+    assert len(operators) > 8
+    assert {cls.__name__: positional_mismatch(cls) for cls in operators} == {cls.__name__: None for cls in operators}
+    assert "Conv2d takes groups as parameter 7" in positional_mismatch(nn.Conv2d)
+    assert "passes groups to its parameter 'padding'" in positional_mismatch(nn.Conv2d)
+    assert positional_mismatch(nn.Linear) is None

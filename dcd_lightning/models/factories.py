@@ -9,6 +9,7 @@ takes no more positional arguments than it names.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 
 from torch import nn
@@ -18,6 +19,31 @@ ConvFactory = Callable[[int, int, int, int, int], nn.Module]
 
 LinearFactory = Callable[[int, int], nn.Module]
 """(in_features, out_features) -> a classifier operator."""
+
+
+FACTORY_PARAMETERS = {"ConvFactory": ("in_channels", "out_channels", "kernel_size", "stride", "groups"),
+                      "LinearFactory": ("in_features", "out_features")}
+
+
+def positional_mismatch(cls: type) -> str | None:
+    """Where an operator class takes one of a factory's arguments (by its name) at another place
+    than the factory's: a backbone that calls it positionally, as a factory's arguments are given,
+    hands that argument to another parameter without an error. A sentence saying so, else None."""
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return None
+    positional = [name for name, p in parameters.items()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for factory, order in FACTORY_PARAMETERS.items():
+        for place, name in enumerate(order):
+            if name in positional and positional.index(name) != place:
+                taker = positional[place] if place < len(positional) else None
+                given = f"to its parameter {taker!r}" if taker else "to none of its parameters"
+                return (f"{cls.__qualname__} takes {name} as parameter {positional.index(name) + 1}, where "
+                        f"{factory} {order} gives it as argument {place + 1}: a backbone that calls it positionally "
+                        f"passes {name} {given}. Put {', '.join(order)} first, in that order")
+    return None
 
 
 def recording(factory: Callable[..., nn.Module], built: set[int]) -> Callable[..., nn.Module]:

@@ -165,10 +165,12 @@ def shared_root(planned: list[Trial]) -> str | None:
 
 def missing_configs(command: list[str]) -> list[str]:
     """The config files a trial's command names (`--config FILE`, `--config=FILE`) that do not
-    exist from the current folder, against which the command's relative paths are read."""
+    exist from the current folder, against which the command's relative paths are read (a
+    --config given as YAML text rather than a file name is not one)."""
     named = [command[i + 1] for i, item in enumerate(command[:-1]) if item == "--config"]
     named += [item.split("=", 1)[1] for item in command if item.startswith("--config=")]
-    return [path for path in named if not Path(path).is_file()]
+    return [path for path in named if path.endswith((".yaml", ".yml", ".json")) and "\n" not in path
+            and not Path(path).is_file()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from dcd_lightning import create_model
 from dcd_lightning.analysis import load_history, load_runs, load_wandb_runs, paper_comparison, phi_normalized_variance
 from dcd_lightning.cli import main
 from dcd_lightning.ops import DCDConv2d
-from dcd_lightning.sweep import agent_command, expand, load_sweep, trials
+from dcd_lightning.sweep import agent_command, expand, load_sweep, missing_configs, trials
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -123,6 +123,7 @@ def test_a_sweep_run_where_its_config_paths_do_not_lead_says_so_before_any_trial
     monkeypatch.chdir(ROOT)
     assert main(["sweep", sweep, "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().out
+    assert missing_configs(["fit", "--config", "{trainer: {max_epochs: 1}}", "--config=configs/quickstart.yaml"]) == []
 
 
 def test_a_sweep_over_config_files_puts_every_trial_under_one_folder(capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,8 +131,14 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"{name}: init_weights={init_weights!r} is not a file; expected a checkpoint of fit or "
                              "import-official, or a state dict of the backbone")
         self.init_weights = init_weights
-        # the file is read once, at setup; a checkpoint of this run must not need it
-        self.save_hyperparameters(ignore=["backbone", "init_weights"])
+        # the file is read once, at setup; a checkpoint of this run must not need it. The backbone
+        # is kept where LightningCLI gives its config (class_path / init_args), so that
+        # ImageClassifier.load_from_checkpoint(path) rebuilds the model; a callable given in
+        # Python is not (a lambda cannot be pickled into the checkpoint)
+        self.save_hyperparameters(ignore=["init_weights"])
+        if not isinstance(self.hparams.get("backbone"), dict):
+            self.hparams.pop("backbone", None)
+            getattr(self, "_hparams_initial", {}).pop("backbone", None)
         try:
             self.model = backbone(num_classes)
         except TypeError as error:

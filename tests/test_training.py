@@ -378,6 +378,30 @@ def test_a_backbone_that_cannot_be_built_says_what_an_operator_parameter_needs()
         ImageClassifier(backbone=given_a_namespace, num_classes=4)
 
 
+def test_a_notebook_loads_a_trained_model_with_load_from_checkpoint(tmp_path: Path) -> None:
+    """ImageClassifier.load_from_checkpoint rebuilds the run's model from the checkpoint alone
+    (the backbone's config is in its hyperparameters); a backbone given in Python as a lambda is
+    left out of them, so that checkpoints of such a module still pickle."""
+    fit("--config", QUICKSTART, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}")
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["hyper_parameters"]["backbone"]["class_path"] == "dcd_lightning.models.ResNet"
+    module = ImageClassifier.load_from_checkpoint(path).eval()
+    assert module.hparams.num_classes == 10 and type(module.model).__name__ == "ResNet"
+    state = module.state_dict()
+    assert state.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(state[key], value) for key, value in saved["state_dict"].items())
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert module(images).shape == (2, 10)
+    from dcd_lightning import create_model
+
+    python = ImageClassifier(lambda n: create_model("resnet10_static", num_classes=n), num_classes=10)
+    assert "backbone" not in python.hparams and "backbone" not in python.hparams_initial
+    torch.save({"hyper_parameters": dict(python.hparams)}, tmp_path / "python.pt")  # no lambda to pickle
+
+
 def test_a_saved_config_reruns_into_a_new_root(tmp_path: Path) -> None:
     """config.yaml keeps the loggers' save_dir '.': rerun with another default_root_dir, the new
     run's logs go there, not into the old run's folder."""
